@@ -1,0 +1,1 @@
+"""Queue, task store and blob store backends, chosen by URL (see ``registry``)."""

@@ -1,0 +1,163 @@
+"""The Protocols every backend implements. Contract tests in tests/contract hold each implementation to them.
+
+Backends are context managers, take keyword arguments, and have a ``from_url()`` classmethod that only parses
+(it opens nothing). What differs between backends is data: ``capabilities``, so tests skip by capability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, Self, runtime_checkable
+
+from sdasync.models import Task, TaskStatus
+
+
+@dataclass(frozen=True)
+class Message:
+    message_id: str
+    #: The task id: messages never carry the request itself.
+    body: str
+    #: Opaque handle for ack / nack / extend of this delivery; a later delivery gets a new one.
+    receipt: str
+    #: How many times this message has been received, this delivery included (SQS ApproximateReceiveCount).
+    receive_count: int
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    visible: int
+    in_flight: int
+    delayed: int
+
+
+@runtime_checkable
+class Queue(Protocol):
+    """At-least-once queue with visibility timeouts and a dead-letter queue (SQS semantics)."""
+
+    capabilities: frozenset[str]
+
+    def send(self, body: str, *, delay_s: float = 0) -> str:
+        """Enqueue ``body``, visible after ``delay_s``; returns the message id. Raises BackendError."""
+        ...
+
+    def receive(self, *, max_messages: int = 1, wait_s: float = 0, visibility_timeout_s: float | None = None
+                ) -> list[Message]:
+        """Take up to ``max_messages`` visible messages, hiding each for the visibility timeout; waits up to
+        ``wait_s`` for one to appear. A message received more than the queue's maximum receive count is moved
+        to the dead-letter queue instead of being returned. Raises BackendError."""
+        ...
+
+    def ack(self, receipt: str) -> None:
+        """Delete the delivered message. With a stale receipt (the message was redelivered since) the SQLite
+        queue does nothing while SQS may still delete it, so callers ack only deliveries whose task they have
+        finished. Raises BackendError."""
+        ...
+
+    def nack(self, receipt: str, *, delay_s: float = 0) -> None:
+        """Make the message visible again after ``delay_s`` (0 = now); it stays in flight until then, as in SQS.
+        Raises ReceiptInvalid for a stale receipt, BackendError."""
+        ...
+
+    def extend(self, receipt: str, *, timeout_s: float) -> None:
+        """Restart the message's visibility clock at ``timeout_s`` from now. Raises ReceiptInvalid when the
+        receipt is no longer the message's current delivery, BackendError."""
+        ...
+
+    def dead_letter(self, receipt: str, *, reason: str = "") -> None:
+        """Move the delivered message to the dead-letter queue now. Raises ReceiptInvalid, BackendError."""
+        ...
+
+    def depth(self) -> QueueDepth:
+        """Messages visible, in flight (received, not acknowledged) and delayed. Raises BackendError."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    tasks: list[Task]
+    #: Pass back as ``cursor`` to get the next page; None on the last page.
+    next_cursor: str | None
+
+
+@runtime_checkable
+class TaskStore(Protocol):
+    """Where task state lives. Every state change is a compare-and-set."""
+
+    capabilities: frozenset[str]
+
+    def create(self, task: Task) -> None:
+        """Store a new task. Raises TaskConflict if the id exists, BackendError."""
+        ...
+
+    def get(self, task_id: str) -> Task:
+        """Raises TaskNotFound, BackendError."""
+        ...
+
+    def transition(self, task_id: str, *, expected: Collection[TaskStatus], to: TaskStatus,
+                   attempt: int | None = None, changes: Mapping[str, Any] | None = None) -> Task:
+        """Atomically move the task to ``to`` if its status is one of ``expected`` (and, when ``attempt`` is
+        given, its attempt number equals it), applying ``changes`` (fields in ``models.MUTABLE_FIELDS``) and
+        setting ``updated_at``. Returns the new task.
+
+        Raises ValueError if ``expected -> to`` is not in ``models.TRANSITIONS``, TaskNotFound, TaskConflict
+        (with ``current`` set to the task as it is) when the condition does not hold, BackendError."""
+        ...
+
+    def list(self, *, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None) -> TaskPage:
+        """Tasks newest first, optionally of one status. Raises RequestError for a bad cursor, BackendError."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """Result images. Keys are relative paths like ``<taskId>/0.png``."""
+
+    capabilities: frozenset[str]
+
+    def put(self, key: str, data: bytes, *, content_type: str = "image/png") -> None:
+        """Write (or overwrite) ``key``. Raises RequestError for a key that is not a safe relative path,
+        BackendError."""
+        ...
+
+    def get(self, key: str) -> bytes:
+        """Raises BlobNotFound, RequestError for an unsafe key, BackendError."""
+        ...
+
+    def url(self, key: str, *, base_url: str) -> str:
+        """An absolute URL a browser can open. ``base_url`` is the API's own address, used by stores whose
+        blobs the API serves itself (capability ``served_by_api``)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error. Raises BackendError."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def check_transition(expected: Collection[TaskStatus], to: TaskStatus) -> None:
+    """Raise ValueError unless every ``expected -> to`` is allowed; backends call it before writing."""
+    from sdasync.models import can_transition
+
+    if not expected:
+        raise ValueError("expected must name at least one status")
+    bad = [s for s in expected if not can_transition(s, to)]
+    if bad:
+        raise ValueError(f"transition not allowed: {sorted(bad)} -> {to}")

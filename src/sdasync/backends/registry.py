@@ -1,0 +1,61 @@
+"""URL scheme -> implementation, imported lazily so optional dependencies load only when used.
+
+A missing optional dependency becomes a ConfigError that says which extra to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+from urllib.parse import urlsplit
+
+from sdasync.errors import ConfigError
+
+#: role -> scheme -> ("module:Class", extra needed or None)
+REGISTRY: dict[str, dict[str, tuple[str, str | None]]] = {
+    "queue": {
+        "sqlite": ("sdasync.backends.sqlite.queue:SqliteQueue", None),
+    },
+    "store": {
+        "sqlite": ("sdasync.backends.sqlite.store:SqliteTaskStore", None),
+    },
+    "blobs": {
+        "file": ("sdasync.backends.local.files:FileBlobStore", None),
+    },
+    "engine": {
+        "fake": ("sdasync.engines.fake:FakeEngine", None),
+        "webui+http": ("sdasync.engines.webui:WebuiEngine", None),
+        "webui+https": ("sdasync.engines.webui:WebuiEngine", None),
+        "diffusers": ("sdasync.engines.diffusers:DiffusersEngine", "diffusers"),
+    },
+}
+
+
+def scheme_of(url: str) -> str:
+    if "://" not in url:
+        raise ConfigError(f"not a URL: {url!r} (expected scheme://...)")
+    return urlsplit(url).scheme.lower()
+
+
+def resolve(role: str, url: str) -> type[Any]:
+    """The class serving ``url`` for ``role``. Raises ConfigError naming the valid schemes."""
+    schemes = REGISTRY[role]
+    scheme = scheme_of(url)
+    if scheme not in schemes:
+        valid = ", ".join(f"{s}://" for s in sorted(schemes))
+        raise ConfigError(f"unknown {role} URL scheme {scheme!r} in {url!r}; valid: {valid}")
+    target, extra = schemes[scheme]
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if extra is None:
+            raise
+        raise ConfigError(f"{scheme}:// needs {exc.name}: pip install 'sdasync[{extra}]'") from exc
+    cls: type[Any] = getattr(module, class_name)
+    return cls
+
+
+def open_backend(role: str, url: str, **kwargs: Any) -> Any:
+    """Build (not yet connect) the backend for ``url``; ``kwargs`` go to its ``from_url``."""
+    return resolve(role, url).from_url(url, **kwargs)

@@ -1,0 +1,1 @@
+"""Image generation engines, chosen by URL (see ``sdasync.backends.registry``)."""

@@ -1,0 +1,109 @@
+"""Every error sdasync raises, in one tree.
+
+::
+
+    SdasyncError                      internal_error        500
+     +-- ConfigError                  config_error          500  a bad URL, an unknown scheme, a missing extra
+     +-- RequestError                 invalid_request       422  a client's request is refused (names the field)
+     |    +-- PayloadTooLarge         payload_too_large     413
+     +-- TaskNotFound                 task_not_found        404
+     +-- TaskConflict                 conflict              409  a compare-and-set lost (status or attempt moved on)
+     +-- BlobNotFound                 blob_not_found        404
+     +-- ReceiptInvalid               receipt_invalid       409  a queue receipt is no longer the current delivery
+     +-- BackendError  (retryable)    backend_unavailable   503  queue, store or blob store failed
+     +-- EngineError                  engine_error          502
+          +-- EngineUnavailable  (retryable)   engine_unavailable   cannot connect, 5xx, not ready
+          +-- EngineTimeout      (retryable)   engine_timeout       no answer in time
+          +-- EngineRejected                   engine_rejected      the engine refuses this request (4xx)
+          +-- GenerationCancelled              cancelled            a cancel was observed mid-generation
+
+Third-party exceptions are translated to these once, at the adapter boundary, with ``raise ... from``. The worker
+decides to retry by reading ``retryable``; the HTTP API maps ``http_status`` and ``code`` to its answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SdasyncError(Exception):
+    code = "internal_error"
+    http_status = 500
+    retryable = False
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class ConfigError(SdasyncError):
+    code = "config_error"
+
+
+class RequestError(SdasyncError):
+    code = "invalid_request"
+    http_status = 422
+
+    def __init__(self, message: str, *, field: str | None = None, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.field = field
+
+
+class PayloadTooLarge(RequestError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class TaskNotFound(SdasyncError):
+    code = "task_not_found"
+    http_status = 404
+
+
+class TaskConflict(SdasyncError):
+    code = "conflict"
+    http_status = 409
+
+    def __init__(self, message: str, *, current: Any = None, **details: Any) -> None:
+        super().__init__(message, **details)
+        #: The task as it is now, when the backend could tell (a ``models.Task``), else None.
+        self.current = current
+
+
+class BlobNotFound(SdasyncError):
+    code = "blob_not_found"
+    http_status = 404
+
+
+class ReceiptInvalid(SdasyncError):
+    code = "receipt_invalid"
+    http_status = 409
+
+
+class BackendError(SdasyncError):
+    code = "backend_unavailable"
+    http_status = 503
+    retryable = True
+
+
+class EngineError(SdasyncError):
+    code = "engine_error"
+    http_status = 502
+
+
+class EngineUnavailable(EngineError):
+    code = "engine_unavailable"
+    retryable = True
+
+
+class EngineTimeout(EngineError):
+    code = "engine_timeout"
+    retryable = True
+
+
+class EngineRejected(EngineError):
+    code = "engine_rejected"
+
+
+class GenerationCancelled(EngineError):
+    code = "cancelled"

@@ -1,0 +1,122 @@
+"""The task model and its state machine. No I/O, no framework.
+
+A task moves through these states (see docs/architecture.md for the diagram)::
+
+    queued -> running -> succeeded
+       |         |-----> failed
+       |         |-----> queued     (a transient failure, retried later)
+       |         |-----> running    (re-claimed after its worker died; the attempt number fences the old worker)
+       |         '-----> cancelled
+       |-------> cancelled
+       '-------> failed             (attempts exhausted before a claim, or the queue refused the message)
+
+Every change of state is a compare-and-set on the current status (and, for a worker's writes, on the attempt
+number), so a duplicate delivery or a stale worker can never overwrite a newer outcome.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+class TaskStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+#: The only allowed transitions. Terminal states have no way out.
+TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}),
+    TaskStatus.RUNNING: frozenset(
+        {TaskStatus.RUNNING, TaskStatus.QUEUED, TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED}
+    ),
+    TaskStatus.SUCCEEDED: frozenset(),
+    TaskStatus.FAILED: frozenset(),
+    TaskStatus.CANCELLED: frozenset(),
+}
+
+
+def can_transition(src: TaskStatus, dst: TaskStatus) -> bool:
+    return dst in TRANSITIONS[src]
+
+
+class Api(enum.StrEnum):
+    """The WebUI routes a task may run. Nothing else is ever forwarded to an engine."""
+
+    TXT2IMG = "/sdapi/v1/txt2img"
+    IMG2IMG = "/sdapi/v1/img2img"
+
+    @property
+    def kind(self) -> str:
+        return self.rsplit("/", 1)[1]
+
+
+@dataclass(frozen=True)
+class TaskError:
+    code: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskError:
+        return cls(code=str(data["code"]), message=str(data["message"]))
+
+
+#: Fields of a Task that a transition may change (besides status and updated_at, which it always sets).
+MUTABLE_FIELDS = frozenset(
+    {"attempts", "started_at", "finished_at", "images", "info", "error", "progress", "worker"}
+)
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    api: Api
+    payload: dict[str, Any]
+    status: TaskStatus = TaskStatus.QUEUED
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    #: Blob keys of the result images, in order.
+    images: tuple[str, ...] = ()
+    info: dict[str, Any] | None = None
+    error: TaskError | None = None
+    progress: dict[str, Any] | None = None
+    #: Which worker holds (or last held) the task, for operators.
+    worker: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls, api: Api, payload: dict[str, Any], *, now: float | None = None) -> Task:
+        ts = time.time() if now is None else now
+        return cls(task_id=new_task_id(), api=api, payload=payload, created_at=ts, updated_at=ts)
+
+    def with_changes(self, status: TaskStatus, changes: Mapping[str, Any], now: float) -> Task:
+        unknown = set(changes) - MUTABLE_FIELDS
+        if unknown:
+            raise ValueError(f"not a mutable task field: {sorted(unknown)}")
+        return replace(self, status=status, updated_at=now, **changes)
+
+
+def new_task_id() -> str:
+    """A random, URL-safe id whose prefix sorts by creation time (uuid7-like)."""
+    ms = int(time.time() * 1000)
+    return f"{ms:012x}{uuid.uuid4().hex[:20]}"
