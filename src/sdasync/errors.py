@@ -11,6 +11,7 @@
      +-- BlobNotFound                 blob_not_found        404
      +-- ReceiptInvalid               receipt_invalid       409  a queue receipt is no longer the current delivery
      +-- BackendError  (retryable)    backend_unavailable   503  queue, store or blob store failed
+     +-- UnexpectedError  (retryable) internal_error        500  an engine or library raised something unforeseen
      +-- EngineError                  engine_error          502
           +-- EngineUnavailable  (retryable)   engine_unavailable   cannot connect, 5xx, not ready
           +-- EngineTimeout      (retryable)   engine_timeout       no answer in time
@@ -83,6 +84,12 @@ class ReceiptInvalid(SdasyncError):
 class BackendError(SdasyncError):
     code = "backend_unavailable"
     http_status = 503
+    retryable = True
+
+
+class UnexpectedError(SdasyncError):
+    """An exception nobody translated (an engine bug, a library error). Retried: it may not happen again."""
+
     retryable = True
 
 

@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI), served by uvicorn or by AWS Lambda."""

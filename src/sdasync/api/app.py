@@ -1,0 +1,113 @@
+"""``create_app``: the FastAPI application, its error handling and its request-size cap."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sdasync import __version__
+from sdasync.api.routes import router
+from sdasync.api.schemas import error_json
+from sdasync.config import Settings
+from sdasync.errors import RequestError, SdasyncError
+from sdasync.service import Backends, TaskService, open_backends
+
+log = logging.getLogger(__name__)
+
+#: HTTP status -> error code for errors raised by the framework rather than by sdasync.
+HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+              415: "unsupported_media_type", 422: "invalid_request"}
+
+
+def create_app(settings: Settings | None = None, *, backends: Backends | None = None,
+               engine_health: Callable[[], dict[str, Any]] | None = None) -> FastAPI:
+    """The API. Backends are opened from ``settings`` at startup unless given ready (tests, Lambda reuse)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with ExitStack() as stack:
+            opened = backends or stack.enter_context(open_backends(settings))
+            app.state.service = TaskService(opened, limits=settings.limits)
+            yield
+
+    app = FastAPI(title="sdasync", version=__version__, lifespan=lifespan,
+                  description="Asynchronous Stable Diffusion inference: submit a WebUI request, poll for the images.")
+    app.state.settings = settings
+    app.state.engine_health = engine_health
+    app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
+
+    @app.exception_handler(SdasyncError)
+    async def sdasync_error(_: Request, exc: SdasyncError) -> JSONResponse:
+        if exc.http_status >= 500:
+            log.warning("request failed: %s", exc, exc_info=exc.http_status == 500)
+        field = exc.field if isinstance(exc, RequestError) else None
+        return JSONResponse(error_json(exc.code, exc.message, field), status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        field = ".".join(loc) or None
+        message = f"{field}: {first.get('msg', 'invalid')}" if field else str(first.get("msg", "invalid request"))
+        return JSONResponse(error_json("invalid_request", message, field), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return JSONResponse(error_json(code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    return app
+
+
+class BodyLimit:
+    """Refuses request bodies over ``max_bytes`` with 413, by Content-Length or while streaming (chunked bodies)."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise RequestTooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except RequestTooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = JSONResponse(error_json("payload_too_large",
+                                           f"the request body is larger than {self.max_bytes} bytes"), 413)
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+class RequestTooLarge(Exception):
+    pass

@@ -1,0 +1,267 @@
+"""The ``sdasync`` command. Every option can also come from ``SDASYNC_<OPTION>`` (``--max-attempts`` <->
+``SDASYNC_MAX_ATTEMPTS``); options given on the command line win."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from sdasync import __version__
+from sdasync.config import ENV_PREFIX, Limits, Settings, settings_from
+from sdasync.errors import SdasyncError
+
+log = logging.getLogger("sdasync")
+
+
+def _env(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _opt(parser: argparse.ArgumentParser, flag: str, *, type: Callable[[str], Any] = str, default: Any = None,
+         help: str) -> None:
+    """An option whose default comes from its environment variable, then from ``default``."""
+    raw = os.environ.get(_env(flag))
+    value = type(raw) if raw is not None else default
+    parser.add_argument(flag, type=type, default=value, help=f"{help} [{_env(flag)}]")
+
+
+def _flag(parser: argparse.ArgumentParser, flag: str, *, help: str) -> None:
+    raw = os.environ.get(_env(flag), "").strip().lower()
+    parser.add_argument(flag, action="store_true", default=raw in {"1", "true", "yes", "on"},
+                        help=f"{help} [{_env(flag)}]")
+
+
+def _backend_options(parser: argparse.ArgumentParser, *, engine: bool = True) -> None:
+    # Settings options default to None here: settings_from() then reads the environment and the defaults.
+    parser.add_argument("--data-dir", type=Path, help=f"embedded data: <dir>/sdasync.db and <dir>/results "
+                        f"(default ./data) [{_env('data-dir')}]")
+    parser.add_argument("--queue", help=f"queue URL (default sqlite:///<data-dir>/sdasync.db) [{_env('queue')}]")
+    parser.add_argument("--store", help=f"task store URL (default sqlite:///<data-dir>/sdasync.db) "
+                        f"[{_env('store')}]")
+    parser.add_argument("--blobs", help=f"blob store URL (default file:///<data-dir>/results) [{_env('blobs')}]")
+    if engine:
+        parser.add_argument("--engine", help=f"engine URL: diffusers://tiny (default), diffusers://<model>, "
+                            f"webui+http://host:port, fake://?seconds=S [{_env('engine')}]")
+    parser.add_argument("--visibility-timeout", type=float, help=f"seconds a received task stays hidden between "
+                        f"heartbeats (default 60) [{_env('visibility-timeout')}]")
+    parser.add_argument("--max-attempts", type=int, help=f"attempts before a task fails (default 3) "
+                        f"[{_env('max-attempts')}]")
+    parser.add_argument("--log-level", default=os.environ.get(_env("log-level"), "INFO"),
+                        help=f"[{_env('log-level')}]")
+
+
+def _api_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help=f"default 127.0.0.1 [{_env('host')}]")
+    parser.add_argument("--port", type=int, help=f"default 8080 [{_env('port')}]")
+    parser.add_argument("--public-url", help=f"the API's address as clients see it, for image URLs "
+                        f"[{_env('public-url')}]")
+    limits = parser.add_argument_group("request limits")
+    for f in fields(Limits):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            limits.add_argument(flag, action="store_const", const=True, help=f"[{_env(flag)}]")
+        elif f.name == "override_settings_allowlist":
+            limits.add_argument(flag, type=lambda s: frozenset(x for x in s.split(",") if x),
+                                help=f"comma-separated keys (default {','.join(sorted(f.default))}) "  # type: ignore[arg-type]
+                                f"[{_env(flag)}]")
+        else:
+            limits.add_argument(flag, type=int, help=f"default {f.default} [{_env(flag)}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdasync", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"sdasync {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="the API and N workers in one command")
+    _backend_options(serve)
+    _api_options(serve)
+    _opt(serve, "--workers", type=int, default=1, help="worker processes (default 1)")
+
+    api = sub.add_parser("api", help="the HTTP API alone")
+    _backend_options(api)
+    _api_options(api)
+
+    worker = sub.add_parser("worker", help="one worker process")
+    _backend_options(worker)
+    _flag(worker, "--burst", help="exit when the queue is empty")
+    _opt(worker, "--max-tasks", type=int, help="exit after this many tasks")
+    _opt(worker, "--max-idle", type=float, help="exit after this many seconds without a task")
+
+    submit = sub.add_parser("submit", help="submit a txt2img request to a running API")
+    submit.add_argument("prompt")
+    _client_options(submit)
+    _opt(submit, "--negative-prompt", default="", help="what the image should not show")
+    _opt(submit, "--steps", type=int, default=20, help="sampling steps")
+    _opt(submit, "--width", type=int, default=512, help="image width")
+    _opt(submit, "--height", type=int, default=512, help="image height")
+    _opt(submit, "--seed", type=int, default=-1, help="-1 = random")
+    _opt(submit, "--sampler", help="WebUI sampler name, e.g. 'Euler a'")
+    _opt(submit, "--batch-size", type=int, default=1, help="images per task")
+    _flag(submit, "--wait", help="wait for the task to finish and print it")
+    _opt(submit, "--out", type=Path, help="with --wait: save the images into this folder")
+
+    status = sub.add_parser("status", help="show a task")
+    status.add_argument("task_id")
+    _client_options(status)
+
+    cancel = sub.add_parser("cancel", help="cancel a queued or running task")
+    cancel.add_argument("task_id")
+    _client_options(cancel)
+    return parser
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    _opt(parser, "--url", default="http://127.0.0.1:8080", help="the sdasync API")
+    _opt(parser, "--timeout", type=float, default=600.0, help="seconds to wait for a task")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return settings_from(vars(args))
+
+
+def _logging(args: argparse.Namespace) -> None:
+    level = getattr(args, "log_level", "INFO")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+
+
+def _worker_args(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """The resolved settings, passed on explicitly so every worker sees exactly what the API sees."""
+    return ["--data-dir", str(settings.data_dir), "--queue", settings.queue_url, "--store", settings.store_url,
+            "--blobs", settings.blobs_url, "--engine", settings.engine,
+            "--visibility-timeout", str(settings.visibility_timeout), "--max-attempts", str(settings.max_attempts),
+            "--log-level", args.log_level]
+
+
+def cmd_api(args: argparse.Namespace, *, workers: int = 0) -> int:
+    import uvicorn
+
+    from sdasync.api.app import create_app
+    from sdasync.backends.registry import open_backend
+    from sdasync.supervisor import WorkerSupervisor
+
+    settings = _settings(args)
+    engine = open_backend("engine", settings.engine, models_dir=settings.models_dir)
+    supervisor = WorkerSupervisor(_worker_args(args, settings), workers) if workers else None
+
+    def engine_health() -> dict[str, Any]:
+        report: dict[str, Any] = engine.health()
+        if supervisor is not None:
+            report["workers"] = supervisor.alive()
+        return report
+
+    app = create_app(settings, engine_health=engine_health)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                                           lifespan="on"))
+    if supervisor is not None:
+        supervisor.start()
+    try:
+        server.run()
+    finally:
+        if supervisor is not None:
+            log.info("stopping workers")
+            supervisor.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from sdasync.backends.registry import open_backend
+    from sdasync.service import open_backends
+    from sdasync.worker.loop import Worker, WorkerConfig
+
+    settings = _settings(args)
+    config = WorkerConfig(visibility_timeout_s=settings.visibility_timeout, max_attempts=settings.max_attempts)
+    with open_backends(settings) as backends, \
+            open_backend("engine", settings.engine, models_dir=settings.models_dir) as engine:
+        worker = Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, engine=engine,
+                        config=config)
+        _install_stop_handlers(worker.request_stop)
+        worker.run(burst=args.burst, max_tasks=args.max_tasks, max_idle_s=args.max_idle)
+    return 0
+
+
+def _install_stop_handlers(request_stop: Callable[[], None]) -> None:
+    """First SIGTERM/SIGINT: finish the current task, then exit 0. A second: exit now; the task's message
+    reappears after its visibility timeout and another worker takes it."""
+    received = 0
+
+    def handler(signum: int, _: FrameType | None) -> None:
+        nonlocal received
+        received += 1
+        if received > 1:
+            log.warning("second signal: exiting without finishing the current task")
+            os._exit(128 + signum)
+        log.info("signal %d: finishing the current task, then exiting", signum)
+        request_stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from sdasync.client import Client
+
+    payload: dict[str, Any] = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
+                               "width": args.width, "height": args.height, "seed": args.seed,
+                               "batch_size": args.batch_size}
+    if args.sampler:
+        payload["sampler_name"] = args.sampler
+    with Client(args.url) as client:
+        task_id = client.submit(payload)
+        if not args.wait:
+            _print({"taskId": task_id, "status": "queued"})
+            return 0
+        task = client.wait(task_id, timeout_s=args.timeout)
+        if args.out and task["status"] == "succeeded":
+            saved = [str(client.download(url, args.out / f"{task_id}-{i}.png"))
+                     for i, url in enumerate(task["result"]["images"])]
+            task["saved"] = saved
+        _print(task)
+        return 0 if task["status"] == "succeeded" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sdasync.client import Client
+
+    with Client(args.url) as client:
+        _print(client.get(args.task_id))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from sdasync.client import Client
+
+    with Client(args.url) as client:
+        _print(client.cancel(args.task_id))
+    return 0
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _logging(args)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "serve": lambda a: cmd_api(a, workers=a.workers), "api": cmd_api, "worker": cmd_worker,
+        "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel,
+    }
+    try:
+        return commands[args.command](args)
+    except SdasyncError as exc:
+        print(f"sdasync: error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

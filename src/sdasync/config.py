@@ -1,0 +1,132 @@
+"""One Settings object, built only at entry points (CLI, Lambda handler) and passed down.
+
+Every setting can come from a command-line option or from an environment variable named after it:
+``--visibility-timeout`` <-> ``SDASYNC_VISIBILITY_TIMEOUT``. Options win over the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sdasync.backends.urls import url_for_path
+from sdasync.errors import ConfigError
+
+ENV_PREFIX = "SDASYNC_"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask for. Everything beyond is refused with a 4xx naming the field."""
+
+    max_width: int = 2048
+    max_height: int = 2048
+    #: width x height x images of one task: 8 images of 1024x1024, or 2 of 2048x2048.
+    max_total_pixels: int = 8 * 1024 * 1024
+    min_steps: int = 1
+    max_steps: int = 150
+    #: batch_size x n_iter
+    max_images: int = 8
+    max_prompt_chars: int = 10_000
+    max_body_bytes: int = 20 * 1024 * 1024
+    allow_scripts: bool = False
+    override_settings_allowlist: frozenset[str] = frozenset({"CLIP_stop_at_last_layers"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("data")
+    queue: str | None = None
+    store: str | None = None
+    blobs: str | None = None
+    engine: str = "diffusers://tiny"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: The API's public address, when it differs from what requests show (a proxy in front); else taken from the
+    #: request.
+    public_url: str | None = None
+    visibility_timeout: float = 60.0
+    max_attempts: int = 3
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def queue_url(self) -> str:
+        return self.queue or url_for_path("sqlite", self.data_dir / "sdasync.db")
+
+    @property
+    def store_url(self) -> str:
+        return self.store or url_for_path("sqlite", self.data_dir / "sdasync.db")
+
+    @property
+    def blobs_url(self) -> str:
+        return self.blobs or url_for_path("file", self.data_dir / "results")
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+def _convert(name: str, raw: str, kind: type[Any]) -> Any:
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(raw)
+            return lowered in {"1", "true", "yes", "on"}
+        if kind is frozenset:
+            return frozenset(part.strip() for part in raw.split(",") if part.strip())
+        return kind(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+
+
+_TYPES: dict[str, type[Any]] = {
+    "data_dir": Path, "queue": str, "store": str, "blobs": str, "engine": str, "host": str, "port": int,
+    "public_url": str, "visibility_timeout": float, "max_attempts": int,
+}
+
+
+def env_value(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    return env.get(ENV_PREFIX + name.upper())
+
+
+def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from parsed options (None = not given), falling back to SDASYNC_* variables, then defaults."""
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.name == "limits":
+            continue
+        values_from = options.get(f.name)
+        if values_from is None:
+            raw = env_value(f.name, environ)
+            values_from = None if raw is None else _convert(f.name, raw, _TYPES[f.name])
+        if values_from is not None:
+            values[f.name] = values_from
+    limit_values: dict[str, Any] = {}
+    for f in fields(Limits):
+        given = options.get(f.name)
+        if given is None:
+            raw = env_value(f.name, environ)
+            kind = frozenset if f.name == "override_settings_allowlist" else type(getattr(Limits(), f.name))
+            given = None if raw is None else _convert(f.name, raw, kind)
+        if given is not None:
+            limit_values[f.name] = given
+    settings = Settings(**values, limits=Limits(**limit_values))
+    _check(settings)
+    return settings
+
+
+def _check(settings: Settings) -> None:
+    if settings.max_attempts < 1:
+        raise ConfigError("max_attempts must be at least 1")
+    if settings.visibility_timeout < 1:
+        raise ConfigError("visibility_timeout must be at least 1 second")
+    lim = settings.limits
+    for name in ("max_width", "max_height", "max_total_pixels", "max_steps", "max_images", "max_prompt_chars",
+                 "max_body_bytes"):
+        if getattr(lim, name) < 1:
+            raise ConfigError(f"{name} must be positive")

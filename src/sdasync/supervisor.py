@@ -1,0 +1,79 @@
+"""Runs N ``sdasync worker`` processes beside the API for ``sdasync serve``, restarting any that die.
+
+Workers start in their own session so a Ctrl-C in the terminal reaches only ``serve``, which then sends each
+worker exactly one SIGTERM: a worker takes a second signal as "exit now", which would skip its drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class WorkerSupervisor:
+    def __init__(self, args: Sequence[str], count: int, *, drain_timeout_s: float = 90.0,
+                 check_interval_s: float = 0.5) -> None:
+        self.command = [sys.executable, "-m", "sdasync", "worker", *args]
+        self.count = count
+        self.drain_timeout_s = drain_timeout_s
+        self.check_interval_s = check_interval_s
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._watch, name="sdasync-supervisor", daemon=True)
+        self._restarts: list[float] = []
+
+    def start(self) -> None:
+        with self._lock:
+            self.processes = [self._spawn() for _ in range(self.count)]
+        self._thread.start()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(self.command, start_new_session=True)
+        log.info("started worker pid %d", process.pid)
+        return process
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.check_interval_s):
+            with self._lock:
+                for i, process in enumerate(self.processes):
+                    code = process.poll()
+                    if code is None or self._stopping.is_set():
+                        continue
+                    # A crash loop (a broken engine URL, say) must not spin: at most 5 restarts a minute.
+                    now = time.monotonic()
+                    self._restarts = [t for t in self._restarts if now - t < 60]
+                    if len(self._restarts) >= 5:
+                        continue
+                    log.warning("worker pid %d exited with %s; restarting it", process.pid, code)
+                    self._restarts.append(now)
+                    self.processes[i] = self._spawn()
+
+    def alive(self) -> int:
+        with self._lock:
+            return sum(1 for p in self.processes if p.poll() is None)
+
+    def stop(self) -> None:
+        """SIGTERM every worker (they drain), then SIGKILL whatever is left after the drain timeout."""
+        self._stopping.set()
+        with self._lock:
+            for process in self.processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.drain_timeout_s
+            for process in self.processes:
+                try:
+                    process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("worker pid %d did not drain in time; killing it", process.pid)
+                    process.kill()
+                    process.wait()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.check_interval_s * 4)

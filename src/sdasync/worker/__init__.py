@@ -1,0 +1,1 @@
+"""The worker: receive, claim, generate, store, complete, acknowledge."""
