@@ -1,0 +1,228 @@
+"""Worker scenarios on the real SQLite backends, with a scripted engine for exact control over failures."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import pytest
+from PIL import Image
+
+from sdasync.config import Settings
+from sdasync.engines.base import GenerationRequest, GenerationResult, Progress
+from sdasync.errors import EngineRejected, EngineUnavailable, GenerationCancelled, SdasyncError
+from sdasync.models import TaskStatus
+from sdasync.service import Backends, TaskService, open_backends
+from sdasync.worker.loop import Worker, WorkerConfig
+
+BODY = {"api": "/sdapi/v1/txt2img", "payload": {"prompt": "a cat", "steps": 4, "width": 64, "height": 64,
+                                                  "batch_size": 2}}
+
+
+def png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (1, 2, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class ScriptedEngine:
+    """Fails as told, then draws solid PNGs; reports every step."""
+
+    failures: list[SdasyncError | Exception] = field(default_factory=list)
+    calls: int = 0
+    on_step: Callable[[int], None] | None = None
+    capabilities: frozenset[str] = frozenset()
+
+    def setup(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        steps = int(request.payload["steps"])
+        for step in range(1, steps + 1):
+            if self.on_step:
+                self.on_step(step)
+            if request.is_cancelled and request.is_cancelled():
+                raise GenerationCancelled("cancelled")
+            if request.on_progress:
+                request.on_progress(Progress(step, steps))
+        count = int(request.payload["batch_size"])
+        return GenerationResult(images=[png(request.payload["width"], request.payload["height"])] * count,
+                                info={"seed": request.payload["seed"], "steps": steps})
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": True}
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+@pytest.fixture
+def backends(tmp_path: Path) -> Iterator[Backends]:
+    with open_backends(Settings(data_dir=tmp_path)) as opened:
+        yield opened
+
+
+@pytest.fixture
+def service(backends: Backends) -> TaskService:
+    return TaskService(backends)
+
+
+def make_worker(backends: Backends, engine: ScriptedEngine, **config: Any) -> Worker:
+    config = {"visibility_timeout_s": 5, "max_attempts": 3, "wait_s": 0.05, "backoff_base_s": 0.01,
+              "backoff_max_s": 0.02, "progress_interval_s": 0, **config}
+    return Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, engine=engine,
+                  config=WorkerConfig(**config))
+
+
+def drain(worker: Worker, timeout_s: float = 10) -> None:
+    """Run until nothing is visible or delayed for long (retries come back after tiny backoffs)."""
+    worker.run(max_idle_s=0.3, max_tasks=50)
+
+
+def test_success_publishes_images_and_info(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    drain(make_worker(backends, ScriptedEngine()))
+    done = service.get(task.task_id)
+    assert done.status is TaskStatus.SUCCEEDED
+    assert done.images == (f"{task.task_id}/0.png", f"{task.task_id}/1.png")
+    assert done.attempts == 1
+    assert done.info == {"seed": task.payload["seed"], "steps": 4}
+    assert done.progress is not None and done.progress["fraction"] == 1.0
+    assert done.started_at is not None and done.finished_at is not None
+    assert Image.open(io.BytesIO(backends.blobs.get(done.images[1]))).size == (64, 64)
+    assert backends.queue.depth().visible == backends.queue.depth().in_flight == 0
+
+
+def test_random_seed_is_fixed_at_submit(service: TaskService) -> None:
+    task = service.submit(BODY)
+    assert 0 <= task.payload["seed"] < 2**32
+
+
+def test_transient_errors_are_retried(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    engine = ScriptedEngine(failures=[EngineUnavailable("down"), RuntimeError("CUDA hiccup")])
+    drain(make_worker(backends, engine))
+    done = service.get(task.task_id)
+    assert done.status is TaskStatus.SUCCEEDED
+    assert done.attempts == 3
+    assert engine.calls == 3
+    assert done.error is None
+
+
+def test_attempts_exhausted_fail_and_dead_letter(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    engine = ScriptedEngine(failures=[EngineUnavailable("down")] * 5)
+    drain(make_worker(backends, engine))
+    done = service.get(task.task_id)
+    assert done.status is TaskStatus.FAILED
+    assert done.error is not None and done.error.code == "engine_unavailable"
+    assert "3 attempts" in done.error.message
+    assert engine.calls == 3
+    assert done.images == ()
+    depth = backends.queue.depth()
+    assert (depth.visible, depth.in_flight, depth.delayed) == (0, 0, 0)
+    dead = backends.queue.dead_letters()  # type: ignore[attr-defined]
+    assert [d.body for d in dead] == [task.task_id]
+
+
+def test_permanent_error_fails_at_once(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    engine = ScriptedEngine(failures=[EngineRejected("unknown sampler 'Foo'")])
+    drain(make_worker(backends, engine))
+    done = service.get(task.task_id)
+    assert done.status is TaskStatus.FAILED
+    assert done.error is not None and done.error.code == "engine_rejected"
+    assert engine.calls == 1
+
+
+def test_cancelled_queued_task_never_runs(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    service.cancel(task.task_id)
+    engine = ScriptedEngine()
+    drain(make_worker(backends, engine))
+    assert engine.calls == 0
+    assert service.get(task.task_id).status is TaskStatus.CANCELLED
+    assert backends.queue.depth().visible == 0
+
+
+def test_cancel_while_running_publishes_nothing(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    engine = ScriptedEngine(on_step=lambda step: service.cancel(task.task_id) if step == 2 else None)
+    drain(make_worker(backends, engine))
+    done = service.get(task.task_id)
+    assert done.status is TaskStatus.CANCELLED
+    assert done.images == ()
+    with pytest.raises(SdasyncError):
+        backends.blobs.get(f"{task.task_id}/0.png")
+
+
+def test_duplicate_delivery_of_a_finished_task_is_acknowledged(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    backends.queue.send(task.task_id)  # a second copy, as SQS may deliver
+    engine = ScriptedEngine()
+    drain(make_worker(backends, engine))
+    assert engine.calls == 1
+    assert service.get(task.task_id).status is TaskStatus.SUCCEEDED
+    assert backends.queue.depth().visible == 0
+
+
+def test_crashed_attempt_is_taken_over_and_the_old_worker_fenced(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    worker = make_worker(backends, ScriptedEngine(), visibility_timeout_s=1)
+    # Attempt 1 claims the task and "dies": its message is never acknowledged.
+    first = backends.queue.receive(visibility_timeout_s=1)[0]
+    claimed = backends.store.transition(task.task_id, expected={TaskStatus.QUEUED}, to=TaskStatus.RUNNING,
+                                        attempt=0, changes={"attempts": 1})
+    assert claimed.attempts == 1
+    # The message reappears after its visibility timeout; another worker runs attempt 2.
+    assert worker.run(max_tasks=1, max_idle_s=5) == 1
+    done = service.get(task.task_id)
+    assert done.status is TaskStatus.SUCCEEDED and done.attempts == 2
+    # The first worker wakes up and tries to write: its attempt is stale, so nothing changes.
+    from sdasync.errors import TaskConflict
+
+    with pytest.raises(TaskConflict):
+        backends.store.transition(task.task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.FAILED, attempt=1,
+                                  changes={})
+    assert first.receipt
+    assert service.get(task.task_id).status is TaskStatus.SUCCEEDED
+
+
+def test_crash_loop_ends_failed(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    backends.store.transition(task.task_id, expected={TaskStatus.QUEUED}, to=TaskStatus.RUNNING, attempt=0,
+                              changes={"attempts": 3})
+    engine = ScriptedEngine()
+    drain(make_worker(backends, engine))
+    done = service.get(task.task_id)
+    assert engine.calls == 0
+    assert done.status is TaskStatus.FAILED
+    assert done.error is not None and done.error.code == "attempts_exhausted"
+
+
+def test_stop_request_finishes_the_current_task(backends: Backends, service: TaskService) -> None:
+    tasks = [service.submit(BODY) for _ in range(3)]
+    worker = make_worker(backends, ScriptedEngine())
+    stop_once = threading.Event()
+
+    def stop_on_first_step(step: int) -> None:
+        if not stop_once.is_set():
+            stop_once.set()
+            worker.request_stop()
+
+    worker.engine = ScriptedEngine(on_step=stop_on_first_step)
+    assert worker.run() == 1
+    statuses = [service.get(t.task_id).status for t in tasks]
+    assert statuses.count(TaskStatus.SUCCEEDED) == 1
+    assert statuses.count(TaskStatus.QUEUED) == 2
