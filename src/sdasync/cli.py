@@ -153,13 +153,10 @@ def cmd_api(args: argparse.Namespace, *, workers: int = 0) -> int:
     engine = open_backend("engine", settings.engine, models_dir=settings.models_dir)
     supervisor = WorkerSupervisor(_worker_args(args, settings), workers) if workers else None
 
-    def engine_health() -> dict[str, Any]:
-        report: dict[str, Any] = engine.health()
-        if supervisor is not None:
-            report["workers"] = supervisor.alive()
-        return report
-
-    app = create_app(settings, engine_health=engine_health)
+    checks: dict[str, Callable[[], dict[str, Any]]] = {"engine": engine.health}
+    if supervisor is not None:
+        checks["workers"] = supervisor.health
+    app = create_app(settings, health_checks=checks)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                                            lifespan="on"))
     if supervisor is not None:

@@ -60,6 +60,10 @@ class WorkerSupervisor:
         with self._lock:
             return sum(1 for p in self.processes if p.poll() is None)
 
+    def health(self) -> dict[str, object]:
+        alive = self.alive()
+        return {"ok": alive > 0 or self.count == 0, "running": alive, "desired": self.count}
+
     def stop(self) -> None:
         """SIGTERM every worker (they drain), then SIGKILL whatever is left after the drain timeout."""
         self._stopping.set()

@@ -21,7 +21,7 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, engine_health=lambda: {"ok": True, "engine": "test"})) as client:
+    with TestClient(create_app(settings, health_checks={"engine": lambda: {"ok": True, "engine": "test"}})) as client:
         yield client
 
 

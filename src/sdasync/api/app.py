@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import ExitStack, asynccontextmanager
 from typing import Any
 
@@ -28,8 +28,9 @@ HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 4
 
 
 def create_app(settings: Settings | None = None, *, backends: Backends | None = None,
-               engine_health: Callable[[], dict[str, Any]] | None = None) -> FastAPI:
-    """The API. Backends are opened from ``settings`` at startup unless given ready (tests, Lambda reuse)."""
+               health_checks: Mapping[str, Callable[[], dict[str, Any]]] | None = None) -> FastAPI:
+    """The API. Backends are opened from ``settings`` at startup unless given ready (tests, Lambda reuse).
+    ``health_checks`` add sections to ``/healthz`` (the engine, the worker processes), each ``{"ok": bool, …}``."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -42,7 +43,7 @@ def create_app(settings: Settings | None = None, *, backends: Backends | None = 
     app = FastAPI(title="sdasync", version=__version__, lifespan=lifespan,
                   description="Asynchronous Stable Diffusion inference: submit a WebUI request, poll for the images.")
     app.state.settings = settings
-    app.state.engine_health = engine_health
+    app.state.health_checks = dict(health_checks or {})
     app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
 
