@@ -159,15 +159,27 @@ def cmd_api(args: argparse.Namespace, *, workers: int = 0) -> int:
     app = create_app(settings, health_checks=checks)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                                            lifespan="on"))
+    stopping = False
+
+    def after_server(signum: int, _: FrameType | None) -> None:
+        # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises the signal into the handler it found:
+        # this one. That first call is ignored so the workers drain; a signal during the drain kills them.
+        if stopping and supervisor is not None:
+            log.warning("signal %d during the drain: killing the workers", signum)
+            supervisor.kill()
+
+    signal.signal(signal.SIGINT, after_server)
+    signal.signal(signal.SIGTERM, after_server)
     if supervisor is not None:
         supervisor.start()
     try:
         server.run()
     finally:
+        stopping = True
         if supervisor is not None:
             log.info("stopping workers")
             supervisor.stop()
-    return 0
+    return 0 if server.started else 1
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

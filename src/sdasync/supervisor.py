@@ -64,6 +64,12 @@ class WorkerSupervisor:
         alive = self.alive()
         return {"ok": alive > 0 or self.count == 0, "running": alive, "desired": self.count}
 
+    def kill(self) -> None:
+        """SIGKILL every worker now. Takes no lock: it runs from a signal handler while ``stop`` holds it."""
+        for process in list(self.processes):
+            if process.poll() is None:
+                process.kill()
+
     def stop(self) -> None:
         """SIGTERM every worker (they drain), then SIGKILL whatever is left after the drain timeout."""
         self._stopping.set()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from helpers import free_port, wait_until
 
 

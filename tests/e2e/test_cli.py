@@ -14,9 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
+
 from conftest import Processes, wait_healthy
 from helpers import wait_until
-from PIL import Image
 
 README = Path(__file__).parents[2] / "README.md"
 TERMINAL = {"succeeded", "failed", "cancelled"}

@@ -85,8 +85,8 @@ def make_worker(backends: Backends, engine: ScriptedEngine, **config: Any) -> Wo
                   config=WorkerConfig(**config))
 
 
-def drain(worker: Worker, timeout_s: float = 10) -> None:
-    """Run until nothing is visible or delayed for long (retries come back after tiny backoffs)."""
+def drain(worker: Worker) -> None:
+    """Run until the queue has been empty for a moment (retries come back after tiny backoffs)."""
     worker.run(max_idle_s=0.3, max_tasks=50)
 
 

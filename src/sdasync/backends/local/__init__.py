@@ -1,0 +1,1 @@
+"""Backends that keep their data on the local filesystem."""

@@ -1,0 +1,251 @@
+"""The task store in a SQLite file (by default the queue's file; the table is ``tasks``).
+
+URL: ``sqlite:///path/to.db`` (three slashes: relative to the working directory; four: absolute). No query
+parameters.
+
+Every state change is one ``UPDATE ... WHERE task_id = ? AND status IN (...) [AND attempts = ?]`` checked by its
+row count, inside a ``BEGIN IMMEDIATE`` transaction that also reads the row back, so the caller gets either the
+task it wrote or, on a lost compare-and-set, the task as it is now.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import Any, Self
+
+from sdasync.backends.base import TaskPage, check_transition
+from sdasync.backends.sqlite.db import SqliteDatabase
+from sdasync.backends.urls import path_from_url, query_params
+from sdasync.errors import RequestError, TaskConflict, TaskNotFound
+from sdasync.models import MUTABLE_FIELDS, Api, Task, TaskError, TaskStatus
+
+SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS tasks (
+        task_id TEXT PRIMARY KEY,
+        api TEXT NOT NULL,
+        payload TEXT NOT NULL,       -- JSON object
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        images TEXT NOT NULL,        -- JSON list of blob keys
+        info TEXT,                   -- JSON object or NULL
+        error TEXT,                  -- JSON {"code", "message"} or NULL
+        progress TEXT,               -- JSON object or NULL
+        worker TEXT,
+        extra TEXT NOT NULL          -- JSON object
+    )
+    """,
+    # list() walks one of these in order and stops after a page: no sort, whatever the table's size.
+    "CREATE INDEX IF NOT EXISTS tasks_newest ON tasks (created_at DESC, task_id DESC)",
+    "CREATE INDEX IF NOT EXISTS tasks_status_newest ON tasks (status, created_at DESC, task_id DESC)",
+)
+
+COLUMNS = ("task_id", "api", "payload", "status", "created_at", "updated_at", "started_at", "finished_at",
+           "attempts", "images", "info", "error", "progress", "worker", "extra")
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM tasks"
+MAX_LIMIT = 1000
+
+
+class SqliteTaskStore:
+    """Tasks in a SQLite table; see the module docstring for the URL."""
+
+    capabilities: frozenset[str] = frozenset({"list", "cas"})
+
+    def __init__(self, *, path: str | Path, busy_timeout_s: float = 10.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        # Connections open on first use, so building the object (and from_url) touches no disk.
+        self._db = SqliteDatabase(path, schema=SCHEMA, busy_timeout_s=busy_timeout_s)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> Self:
+        """Parse ``url`` (opens nothing); ``kwargs`` (e.g. ``clock``) go to the constructor."""
+        query_params(url, {})
+        return cls(path=path_from_url(url), **kwargs)
+
+    @property
+    def path(self) -> Path:
+        return self._db.path
+
+    def create(self, task: Task) -> None:
+        row = _encode_task(task)
+        with self._db.write() as conn:
+            inserted = conn.execute(
+                f"INSERT INTO tasks ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+                " ON CONFLICT (task_id) DO NOTHING",
+                row,
+            ).rowcount
+            current = None if inserted else _fetch(conn, task.task_id)
+        if not inserted:
+            raise TaskConflict(f"task {task.task_id} already exists", current=current)
+
+    def get(self, task_id: str) -> Task:
+        with self._db.read() as conn:
+            task = _fetch(conn, task_id)
+        if task is None:
+            raise TaskNotFound(f"task {task_id} not found")
+        return task
+
+    def transition(self, task_id: str, *, expected: Collection[TaskStatus], to: TaskStatus,
+                   attempt: int | None = None, changes: Mapping[str, Any] | None = None) -> Task:
+        check_transition(expected, to)
+        changes = dict(changes or {})
+        unknown = set(changes) - MUTABLE_FIELDS
+        if unknown:
+            raise ValueError(f"not a mutable task field: {sorted(unknown)}")
+        assignments = {"status": str(TaskStatus(to)), "updated_at": self._clock()}
+        assignments.update({name: _encode_field(name, value) for name, value in changes.items()})
+        statuses = sorted({str(TaskStatus(s)) for s in expected})
+        sql = (f"UPDATE tasks SET {', '.join(f'{name} = ?' for name in assignments)}"
+               f" WHERE task_id = ? AND status IN ({', '.join('?' * len(statuses))})")
+        params: list[Any] = [*assignments.values(), task_id, *statuses]
+        if attempt is not None:
+            sql += " AND attempts = ?"
+            params.append(attempt)
+        with self._db.write() as conn:
+            updated = conn.execute(sql, params).rowcount
+            # Read back in the same transaction: on success the row we wrote, on failure the row that beat us.
+            task = _fetch(conn, task_id)
+        if task is None:
+            raise TaskNotFound(f"task {task_id} not found")
+        if not updated:
+            wanted = f"status in {statuses}" + ("" if attempt is None else f" and attempt {attempt}")
+            raise TaskConflict(
+                f"task {task_id} is {task.status} (attempt {task.attempts}), expected {wanted}", current=task
+            )
+        return task
+
+    def list(self, *, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None) -> TaskPage:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+            raise RequestError(f"limit must be an integer in 1..{MAX_LIMIT}", field="limit")
+        status_value = None if status is None else str(TaskStatus(status))
+        where: list[str] = []
+        params: list[Any] = []
+        if status_value is not None:
+            where.append("status = ?")
+            params.append(status_value)
+        if cursor is not None:
+            created_at, task_id = _decode_cursor(cursor, status_value)
+            # Keyset pagination: strictly after the last row of the previous page in (created_at, task_id) order,
+            # so rows inserted meanwhile neither shift nor repeat the pages.
+            where.append("(created_at, task_id) < (?, ?)")
+            params.extend((created_at, task_id))
+        sql = _SELECT + (f" WHERE {' AND '.join(where)}" if where else "")
+        sql += " ORDER BY created_at DESC, task_id DESC LIMIT ?"
+        params.append(limit + 1)  # one more than asked tells whether a next page exists
+        with self._db.read() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        tasks = [_decode_task(row) for row in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            last = tasks[-1]
+            next_cursor = _encode_cursor(last.created_at, last.task_id, status_value)
+        return TaskPage(tasks=tasks, next_cursor=next_cursor)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fetch(conn: sqlite3.Connection, task_id: str) -> Task | None:
+    row = conn.execute(f"{_SELECT} WHERE task_id = ?", (task_id,)).fetchone()
+    return None if row is None else _decode_task(row)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _encode_field(name: str, value: Any) -> Any:
+    """A mutable field's column value. Raises ValueError for a value of the wrong shape."""
+    if name == "images":
+        if isinstance(value, str) or not all(isinstance(key, str) for key in value):
+            raise ValueError("images must be a sequence of blob keys")
+        return _json(list(value))
+    if name == "error":
+        if value is None:
+            return None
+        try:
+            error = value if isinstance(value, TaskError) else TaskError.from_dict(value)
+        except (KeyError, TypeError) as exc:
+            raise ValueError("error must be a TaskError, a {code, message} mapping or None") from exc
+        return _json(error.to_dict())
+    if name in {"info", "progress"}:
+        if value is not None and not isinstance(value, Mapping):
+            raise ValueError(f"{name} must be a mapping or None")
+        return _json(None if value is None else dict(value))
+    if name == "attempts":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("attempts must be an integer")
+        return value
+    if name in {"started_at", "finished_at"}:
+        return None if value is None else float(value)
+    if name == "worker":
+        return None if value is None else str(value)
+    raise ValueError(f"not a mutable task field: {name!r}")  # pragma: no cover - callers check MUTABLE_FIELDS
+
+
+def _encode_task(task: Task) -> tuple[Any, ...]:
+    return (
+        task.task_id, str(Api(task.api)), _json(task.payload), str(TaskStatus(task.status)), task.created_at,
+        task.updated_at, task.started_at, task.finished_at, task.attempts, _encode_field("images", task.images),
+        _encode_field("info", task.info), _encode_field("error", task.error),
+        _encode_field("progress", task.progress), task.worker, _json(task.extra),
+    )
+
+
+def _decode_task(row: tuple[Any, ...]) -> Task:
+    (task_id, api, payload, status, created_at, updated_at, started_at, finished_at, attempts, images, info, error,
+     progress, worker, extra) = row
+    return Task(
+        task_id=task_id,
+        api=Api(api),
+        payload=json.loads(payload),
+        status=TaskStatus(status),
+        created_at=created_at,
+        updated_at=updated_at,
+        started_at=started_at,
+        finished_at=finished_at,
+        attempts=attempts,
+        images=tuple(json.loads(images)),
+        info=None if info is None else json.loads(info),
+        error=None if error is None else TaskError.from_dict(json.loads(error)),
+        progress=None if progress is None else json.loads(progress),
+        worker=worker,
+        extra=json.loads(extra),
+    )
+
+
+def _encode_cursor(created_at: float, task_id: str, status: str | None) -> str:
+    raw = json.dumps({"c": created_at, "t": task_id, "s": status}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, status: str | None) -> tuple[float, str]:
+    """The position a cursor names. Raises RequestError for anything this store did not hand out."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        data = json.loads(raw)
+        created_at, task_id, cursor_status = data["c"], data["t"], data["s"]
+    except (ValueError, TypeError, KeyError, binascii.Error) as exc:
+        raise RequestError("invalid cursor", field="cursor") from exc
+    if (isinstance(created_at, bool) or not isinstance(created_at, int | float) or not isinstance(task_id, str)
+            or cursor_status != status):
+        # A cursor from a listing of another status would silently skip or repeat tasks.
+        raise RequestError("invalid cursor (or one from a listing with another status filter)", field="cursor")
+    return float(created_at), task_id

@@ -1,0 +1,261 @@
+"""An AUTOMATIC1111-compatible WebUI (also Forge and SD.Next) over its HTTP API, started with ``--api``.
+
+URL: ``webui+http://host:port[/base]?connect_timeout=5&read_timeout=600&ready_timeout=300`` (``webui+https`` for
+TLS). ``/base`` is the WebUI's ``--subpath``, if any. All timeouts are in seconds:
+
+- ``connect_timeout`` (default 5): to open a connection.
+- ``read_timeout`` (default 600): the longest wait for data. The WebUI sends nothing until its images are done, so
+  this bounds one generation (queueing behind others included): a hung WebUI costs at most this long.
+- ``ready_timeout`` (default 300): how long ``setup()`` waits for the WebUI to come up (model loading included).
+
+Only ``POST /sdapi/v1/txt2img`` and ``POST /sdapi/v1/img2img`` are ever called to generate, with ``send_images``
+forced on, ``save_images`` off and ``force_task_id`` set to the task id. Readiness and ``health()`` use
+``GET /sdapi/v1/sd-models``: documented, read-only and cheap (it lists checkpoints already known in memory), and
+present in A1111 (with or without ``--nowebui``), Forge and SD.Next; ``/internal/ping`` exists only when the Gradio
+UI is mounted. The WebUI mounts its API routes after its HTTP server starts, so a 404 there means "not yet".
+
+Errors: no connection (refused, DNS, connect timeout, dropped mid-answer), HTTP 5xx, 408 and 429 ->
+EngineUnavailable; a read timeout -> EngineTimeout; other HTTP 4xx (422 validation, 404 unknown sampler or missing
+init image) -> EngineRejected with the WebUI's detail; a 200 whose body is not the documented shape -> EngineError.
+
+Credentials do not belong in URLs: for ``--api-auth``, pass a ready ``httpx.Client`` (``client=``) with ``auth`` set.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from sdasync.backends.urls import query_params
+from sdasync.engines.base import GenerationRequest, GenerationResult
+from sdasync.errors import (
+    ConfigError,
+    EngineError,
+    EngineRejected,
+    EngineTimeout,
+    EngineUnavailable,
+)
+
+PROBE_PATH = "/sdapi/v1/sd-models"
+PARAMS: dict[str, type[Any]] = {"connect_timeout": float, "read_timeout": float, "ready_timeout": float}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: Probe spacing while waiting for readiness: starts short (a WebUI restarting fast is seen quickly), grows to 2 s.
+PROBE_INTERVAL_S = (0.05, 2.0)
+HEALTH_TIMEOUT_S = 2.0
+
+
+def decode_image(data: object) -> bytes:
+    """A base64 image from the WebUI as PNG bytes. Tolerates a data-URL prefix; re-encodes JPEG/WebP to PNG
+    (the WebUI encodes with its ``samples_format`` setting). Raises EngineError."""
+    if not isinstance(data, str):
+        raise EngineError(f"WebUI returned an image that is not a base64 string: {type(data).__name__}")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise EngineError(f"WebUI returned an image that is not valid base64: {exc}") from exc
+    if raw.startswith(PNG_MAGIC):
+        return raw
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            return buffer.getvalue()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise EngineError(f"WebUI returned an image that cannot be decoded: {exc}") from exc
+
+
+def parse_info(info: object) -> dict[str, Any]:
+    """The WebUI's ``info`` (a JSON string) as a dict; unparseable text is kept as ``{"raw": text}``."""
+    if isinstance(info, dict):
+        return info
+    if not isinstance(info, str):
+        return {} if info is None else {"raw": info}
+    try:
+        parsed = json.loads(info)
+    except ValueError:
+        return {"raw": info}
+    return parsed if isinstance(parsed, dict) else {"raw": info}
+
+
+def error_detail(response: httpx.Response) -> str:
+    """A short human message from a WebUI error body: FastAPI's ``detail`` (a string or a list of validation
+    errors) or the WebUI's ``{"error", "errors"}``, else the start of the text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    if isinstance(body, dict):
+        detail = body.get("detail") or body.get("errors") or body.get("error")
+        if isinstance(detail, list):
+            parts = []
+            for item in detail:
+                if isinstance(item, dict):
+                    loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+                    parts.append(f"{loc}: {item.get('msg', item)}" if loc else str(item.get("msg", item)))
+                else:
+                    parts.append(str(item))
+            return "; ".join(parts)
+        if detail:
+            return str(detail)[:500]
+    return json.dumps(body)[:500]
+
+
+class WebuiEngine:
+    capabilities: frozenset[str] = frozenset({"txt2img", "img2img", "remote"})
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 600.0,
+        ready_timeout: float = 300.0,
+        client: httpx.Client | None = None,
+    ) -> None:
+        for name, value in (
+            ("connect_timeout", connect_timeout),
+            ("read_timeout", read_timeout),
+            ("ready_timeout", ready_timeout),
+        ):
+            if value <= 0:
+                raise ConfigError(f"webui: {name} must be > 0, got {value}")
+        self.base_url = base_url.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.ready_timeout = ready_timeout
+        self._client = client
+        self._owns_client = client is None
+        self._closed = threading.Event()
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, models_dir: Path | None = None, client: httpx.Client | None = None, **_: object
+    ) -> Self:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("webui+http", "webui+https"):
+            raise ConfigError(f"not a webui+http:// or webui+https:// URL: {url!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(f"{scheme}://: no credentials in URLs; pass a client with auth instead")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"{url!r}: bad port: {exc}") from exc
+        if not parts.hostname:
+            raise ConfigError(f"{url!r} names no host; e.g. {scheme}://127.0.0.1:7860")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        netloc = host if port is None else f"{host}:{port}"
+        base = f"{scheme.removeprefix('webui+')}://{netloc}{parts.path.rstrip('/')}"
+        return cls(base, client=client, **query_params(url, PARAMS))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def client(self) -> httpx.Client:
+        if self._client is None:
+            timeout = httpx.Timeout(self.read_timeout, connect=self.connect_timeout)
+            # No environment proxies: the WebUI is almost always on loopback or a private network.
+            self._client = httpx.Client(timeout=timeout, trust_env=False)
+        return self._client
+
+    def _probe(self, timeout: float) -> httpx.Response:
+        return self.client.get(f"{self.base_url}{PROBE_PATH}", timeout=httpx.Timeout(timeout))
+
+    def setup(self) -> None:
+        """Wait until the WebUI answers the probe route, for at most ``ready_timeout`` seconds."""
+        deadline = time.monotonic() + self.ready_timeout
+        interval, max_interval = PROBE_INTERVAL_S
+        last = "no answer yet"
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                response = self._probe(max(0.01, min(self.connect_timeout, remaining)))
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code == 200:
+                    return
+                if response.status_code in (401, 403):
+                    raise ConfigError(
+                        f"WebUI at {self.base_url} refused the probe (HTTP {response.status_code}): "
+                        "it needs credentials; pass a client with auth"
+                    )
+                last = f"HTTP {response.status_code} from {PROBE_PATH}"
+                if response.status_code == 404:
+                    last += " (is the WebUI started with --api?)"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise EngineUnavailable(f"WebUI at {self.base_url} not ready after {self.ready_timeout:g} s: {last}")
+            # Waiting on the close event both paces the probes and lets close() abort a long readiness wait.
+            if self._closed.wait(min(interval, remaining)):
+                raise EngineUnavailable("WebUI engine closed while waiting for readiness")
+            interval = min(interval * 2, max_interval)
+
+    def health(self) -> dict[str, Any]:
+        try:
+            response = self._probe(min(HEALTH_TIMEOUT_S, self.connect_timeout))
+        except Exception as exc:  # health must never raise, whatever the transport does
+            return {"ok": False, "url": self.base_url, "detail": f"{type(exc).__name__}: {exc}"}
+        ok = response.status_code == 200
+        return {"ok": ok, "url": self.base_url, "detail": "ready" if ok else f"HTTP {response.status_code}"}
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._client is not None and self._owns_client:
+            self._client.close()
+            self._client = None
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        # Per-task progress and cancellation would run beside this blocking POST: a thread polling
+        # POST /internal/progress {"id_task": request.task_id} (feeding request.on_progress), and on
+        # request.is_cancelled() calling /sdapi/v1/interrupt only while that poll says our task is the active
+        # one, since interrupt is global. force_task_id is sent already so that can be added without changes here.
+        payload = dict(request.payload)
+        payload.update(send_images=True, save_images=False, force_task_id=request.task_id)
+        url = f"{self.base_url}{request.api.value}"
+        try:
+            response = self.client.post(url, json=payload)
+        except httpx.ConnectTimeout as exc:
+            raise EngineUnavailable(f"WebUI at {self.base_url} unreachable: connect timed out") from exc
+        except httpx.TimeoutException as exc:
+            raise EngineTimeout(
+                f"WebUI at {self.base_url} gave no answer in time ({type(exc).__name__}, read_timeout="
+                f"{self.read_timeout:g} s)"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise EngineUnavailable(f"WebUI at {self.base_url} unreachable: {type(exc).__name__}: {exc}") from exc
+        return self._result(response)
+
+    def _result(self, response: httpx.Response) -> GenerationResult:
+        status = response.status_code
+        # 408/429 come from proxies in front of a busy WebUI: the request itself is fine, so retry it later.
+        if status >= 500 or status in (408, 429):
+            raise EngineUnavailable(f"WebUI error (HTTP {status}): {error_detail(response)}", status=status)
+        if status >= 400:
+            raise EngineRejected(f"WebUI refused the request (HTTP {status}): {error_detail(response)}", status=status)
+        if status != 200:
+            raise EngineError(f"WebUI answered HTTP {status}, expected 200")
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise EngineError(f"WebUI answered with a body that is not JSON: {response.text[:200]!r}") from exc
+        if not isinstance(body, dict) or not isinstance(body.get("images"), list):
+            raise EngineError(f"WebUI answer has no 'images' list: {str(body)[:200]}")
+        images = [decode_image(item) for item in body["images"]]
+        return GenerationResult(images=images, info=parse_info(body.get("info")))

@@ -1,0 +1,343 @@
+"""The TaskStore contract, run against every backend in ``backends.STORE_FACTORIES``."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from sdasync.backends.base import TaskStore
+from sdasync.backends.sqlite.queue import SqliteQueue
+from sdasync.backends.sqlite.store import SqliteTaskStore
+from sdasync.errors import BackendError, ConfigError, RequestError, TaskConflict, TaskNotFound
+from sdasync.models import Api, Task, TaskError, TaskStatus, can_transition
+
+from .backends import FakeClock
+
+Q, R, S, F, C = (TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.SUCCEEDED, TaskStatus.FAILED,
+                 TaskStatus.CANCELLED)
+_ids = itertools.count()
+
+
+def make_task(clock: FakeClock, *, status: TaskStatus = Q, created_at: float | None = None,
+              task_id: str | None = None) -> Task:
+    now = clock() if created_at is None else created_at
+    return Task(task_id=task_id or f"t{next(_ids):06d}", api=Api.TXT2IMG, payload={"prompt": "a cat"},
+                status=status, created_at=now, updated_at=now)
+
+
+def requires(store: TaskStore, capability: str) -> None:
+    if capability not in store.capabilities:
+        pytest.skip(f"backend lacks capability {capability!r}")
+
+
+def test_implements_the_protocol(store: TaskStore) -> None:
+    assert isinstance(store, TaskStore)
+    assert isinstance(store.capabilities, frozenset)
+    assert store.__enter__() is store
+
+
+def test_create_then_get_returns_an_equal_task(store: TaskStore, clock: FakeClock) -> None:
+    full = Task(
+        task_id="full-task", api=Api.IMG2IMG,
+        payload={"prompt": "ünïcode ☃", "steps": 20, "cfg_scale": 7.5, "init_images": ["aGk="], "seed": -1,
+                 "override_settings": {"nested": [1, 2.5, None, True, {"k": "v"}]}},
+        status=TaskStatus.FAILED, created_at=1_700_000_000.123456, updated_at=1_700_000_012.654321,
+        started_at=1_700_000_001.5, finished_at=1_700_000_012.25, attempts=3, images=("full-task/0.png", "x/1.png"),
+        info={"seed": 42, "all_seeds": [42, 43]}, error=TaskError(code="engine_error", message="boom"),
+        progress={"fraction": 0.5, "eta_s": None}, worker="host-1:123", extra={"client": "cli", "tags": ["a"]},
+    )
+    minimal = Task.new(Api.TXT2IMG, {}, now=clock())
+
+    for task in (full, minimal):
+        store.create(task)
+        got = store.get(task.task_id)
+        assert got == task
+        assert type(got.api) is Api
+        assert type(got.status) is TaskStatus
+        assert isinstance(got.images, tuple)
+        assert got.error is None or type(got.error) is TaskError
+
+
+def test_get_of_an_unknown_task_raises_not_found(store: TaskStore) -> None:
+    with pytest.raises(TaskNotFound):
+        store.get("no-such-task")
+
+
+def test_duplicate_create_conflicts_and_keeps_the_original(store: TaskStore, clock: FakeClock) -> None:
+    task = make_task(clock)
+    store.create(task)
+
+    with pytest.raises(TaskConflict):
+        store.create(Task(task_id=task.task_id, api=Api.IMG2IMG, payload={"other": True}))
+    assert store.get(task.task_id) == task
+
+
+def test_transitions_follow_the_table(store: TaskStore, clock: FakeClock) -> None:
+    for src, dst in itertools.product(TaskStatus, repeat=2):
+        task = make_task(clock, status=src)
+        store.create(task)
+        if can_transition(src, dst):
+            assert store.transition(task.task_id, expected={src}, to=dst).status == dst, (src, dst)
+        else:
+            with pytest.raises(ValueError, match="not allowed"):
+                store.transition(task.task_id, expected={src}, to=dst)
+            assert store.get(task.task_id) == task, (src, dst)
+
+
+def test_transition_refuses_bad_arguments_before_writing(store: TaskStore, clock: FakeClock) -> None:
+    task = make_task(clock)
+    store.create(task)
+
+    with pytest.raises(ValueError, match="at least one"):
+        store.transition(task.task_id, expected=set(), to=R)
+    with pytest.raises(ValueError, match="mutable"):
+        store.transition(task.task_id, expected={Q}, to=R, changes={"payload": {}})
+    with pytest.raises(ValueError, match="mutable"):
+        store.transition(task.task_id, expected={Q}, to=R, changes={"status": "succeeded"})
+    assert store.get(task.task_id) == task
+
+
+def test_transition_of_an_unknown_task_raises_not_found(store: TaskStore) -> None:
+    with pytest.raises(TaskNotFound):
+        store.transition("no-such-task", expected={Q}, to=R)
+
+
+def test_transition_applies_changes_and_returns_the_stored_task(store: TaskStore, clock: FakeClock) -> None:
+    task = make_task(clock, status=R)
+    store.create(task)
+
+    done = store.transition(task.task_id, expected={R}, to=S, changes={
+        "images": ("a/0.png", "a/1.png"), "info": {"seed": 7}, "finished_at": 1_700_000_100.5,
+        "progress": None, "worker": "w1", "error": None, "attempts": 1, "started_at": 1_700_000_050.0,
+    })
+
+    assert done == store.get(task.task_id)
+    assert (done.status, done.images, done.info, done.finished_at, done.worker, done.attempts) == (
+        S, ("a/0.png", "a/1.png"), {"seed": 7}, 1_700_000_100.5, "w1", 1)
+    assert (done.payload, done.created_at) == (task.payload, task.created_at)
+
+    failed = make_task(clock, status=R)
+    store.create(failed)
+    error = TaskError(code="engine_timeout", message="no answer in 600 s")
+    assert store.transition(failed.task_id, expected={R}, to=F, changes={"error": error}).error == error
+    assert store.get(failed.task_id).error == error
+
+
+def test_lost_compare_and_set_carries_the_current_task(store: TaskStore, clock: FakeClock) -> None:
+    task = make_task(clock)
+    store.create(task)
+    cancelled = store.transition(task.task_id, expected={Q}, to=C)
+
+    with pytest.raises(TaskConflict) as caught:
+        store.transition(task.task_id, expected={Q, R}, to=F)
+
+    assert caught.value.current == cancelled == store.get(task.task_id)
+
+
+def test_a_stale_attempt_cannot_write(store: TaskStore, clock: FakeClock) -> None:
+    task = make_task(clock)
+    store.create(task)
+    store.transition(task.task_id, expected={Q}, to=R, attempt=0, changes={"attempts": 1, "worker": "old"})
+    # The old worker looked dead; another one re-claims the task with the next attempt number.
+    store.transition(task.task_id, expected={R}, to=R, attempt=1, changes={"attempts": 2, "worker": "new"})
+
+    with pytest.raises(TaskConflict) as caught:
+        store.transition(task.task_id, expected={R}, to=S, attempt=1, changes={"images": ("late.png",)})
+    assert caught.value.current is not None
+    assert (caught.value.current.attempts, caught.value.current.worker) == (2, "new")
+
+    done = store.transition(task.task_id, expected={R}, to=S, attempt=2, changes={"images": ("x/0.png",)})
+    assert (done.status, done.images, done.worker) == (S, ("x/0.png",), "new")
+
+
+def test_transition_sets_updated_at(store: TaskStore, clock: FakeClock) -> None:
+    task = make_task(clock)
+    store.create(task)
+    before = clock()
+    clock.advance(0.05)
+
+    moved = store.transition(task.task_id, expected={Q}, to=R)
+
+    assert moved.updated_at >= before + 0.05 - 1e-6
+    assert moved.updated_at > task.updated_at
+    assert moved.created_at == task.created_at
+    if not clock.is_real:
+        assert moved.updated_at == clock()
+
+
+def _race_to_claim(store: TaskStore, task_id: str, contenders: int) -> tuple[list[str], list[TaskConflict]]:
+    """``contenders`` threads released together, each claiming ``task_id`` for attempt 1."""
+    barrier = threading.Barrier(contenders)
+    winners: list[str] = []
+    losers: list[TaskConflict] = []
+    unexpected: list[BaseException] = []
+
+    def claim(worker: str) -> None:
+        barrier.wait(timeout=10)
+        try:
+            store.transition(task_id, expected={Q}, to=R, attempt=0, changes={"attempts": 1, "worker": worker})
+            winners.append(worker)
+        except TaskConflict as conflict:
+            losers.append(conflict)
+        except BaseException as error:
+            unexpected.append(error)
+
+    threads = [threading.Thread(target=claim, args=(f"w{n}",)) for n in range(contenders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert unexpected == []
+    return winners, losers
+
+
+def test_concurrent_claims_from_threads_have_one_winner(store: TaskStore, clock: FakeClock) -> None:
+    for _ in range(5):
+        task = make_task(clock)
+        store.create(task)
+
+        winners, losers = _race_to_claim(store, task.task_id, contenders=8)
+
+        assert len(winners) == 1
+        assert len(losers) == 7
+        assert store.get(task.task_id).worker == winners[0]
+        assert all(conflict.current is not None and conflict.current.status == R for conflict in losers)
+
+
+def _list_all(store: TaskStore, *, status: TaskStatus | None = None, limit: int) -> list[list[Task]]:
+    pages: list[list[Task]] = []
+    cursor: str | None = None
+    while True:
+        page = store.list(status=status, limit=limit, cursor=cursor)
+        assert len(page.tasks) <= limit
+        pages.append(page.tasks)
+        if page.next_cursor is None:
+            return pages
+        assert len(pages) < 100, "pagination does not end"
+        cursor = page.next_cursor
+
+
+def _seed(store: TaskStore, clock: FakeClock) -> list[Task]:
+    base = clock()
+    tasks = [make_task(clock, created_at=base + i, status=(Q, R, S)[i % 3]) for i in range(11)]
+    # Equal creation times: the task id breaks the tie.
+    tasks += [make_task(clock, created_at=base + 5, status=Q, task_id=f"tie-{c}") for c in "bca"]
+    for task in tasks:
+        store.create(task)
+    return sorted(tasks, key=lambda t: (t.created_at, t.task_id), reverse=True)
+
+
+def test_list_is_newest_first_and_filters_by_status(store: TaskStore, clock: FakeClock) -> None:
+    requires(store, "list")
+    newest_first = _seed(store, clock)
+
+    assert store.list(limit=1000).tasks == newest_first
+    for status in TaskStatus:
+        assert store.list(status=status, limit=1000).tasks == [t for t in newest_first if t.status == status]
+
+
+@pytest.mark.parametrize("limit", [1, 4, 14, 50])
+def test_pagination_covers_every_task_exactly_once(store: TaskStore, clock: FakeClock, limit: int) -> None:
+    requires(store, "list")
+    newest_first = _seed(store, clock)
+
+    assert [t for page in _list_all(store, limit=limit) for t in page] == newest_first
+    queued = [t for page in _list_all(store, status=Q, limit=limit) for t in page]
+    assert queued == [t for t in newest_first if t.status == Q]
+
+
+def test_pages_stay_stable_when_tasks_are_added_between_them(store: TaskStore, clock: FakeClock) -> None:
+    requires(store, "list")
+    newest_first = _seed(store, clock)
+    first = store.list(limit=5)
+    store.create(make_task(clock, created_at=clock() + 1000))  # newer than everything: belongs before page 1
+    assert first.next_cursor is not None
+
+    rest = store.list(limit=1000, cursor=first.next_cursor).tasks
+
+    assert first.tasks + rest == newest_first
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+@pytest.mark.parametrize("cursor", [
+    "not a cursor!", "", "%%%", _b64(b"not json"), _b64(json.dumps([1, 2]).encode()),
+    _b64(json.dumps({"x": 1}).encode()), _b64(b"\xff\xfe"),
+])
+def test_a_bad_cursor_is_a_request_error(store: TaskStore, cursor: str) -> None:
+    requires(store, "list")
+    with pytest.raises(RequestError) as caught:
+        store.list(cursor=cursor)
+    assert caught.value.field == "cursor"
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1001])
+def test_limit_out_of_range_is_a_request_error(store: TaskStore, limit: int) -> None:
+    requires(store, "list")
+    with pytest.raises(RequestError) as caught:
+        store.list(limit=limit)
+    assert caught.value.field == "limit"
+
+
+# Specific to SqliteTaskStore --------------------------------------------------------------------------------------
+
+
+def test_sqlite_store_from_url_parses_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    assert SqliteTaskStore.from_url("sqlite:///data/sdasync.db").path == Path("data/sdasync.db")
+    assert SqliteTaskStore.from_url(f"sqlite:///{tmp_path}/x.db").path == tmp_path / "x.db"
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="valid: none"):
+        SqliteTaskStore.from_url("sqlite:///data/sdasync.db?name=tasks")
+
+
+def test_sqlite_store_shares_its_file_with_the_queue(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "deep" / "er" / "sdasync.db"
+    with SqliteTaskStore(path=path, clock=clock) as store, SqliteQueue(path=path, clock=clock) as queue:
+        task = make_task(clock)
+        store.create(task)
+        queue.send(task.task_id)
+
+        assert queue.receive()[0].body == task.task_id
+        assert store.get(task.task_id) == task
+    with SqliteTaskStore(path=path, clock=clock) as store:
+        assert store.get(task.task_id) == task  # and it persists
+
+
+def test_sqlite_store_refuses_a_cursor_from_another_status_filter(tmp_path: Path, clock: FakeClock) -> None:
+    with SqliteTaskStore(path=tmp_path / "s.db", clock=clock) as store:
+        for i in range(3):
+            store.create(make_task(clock, created_at=clock() + i))
+        cursor = store.list(status=Q, limit=1).next_cursor
+        assert cursor is not None
+
+        with pytest.raises(RequestError) as caught:
+            store.list(limit=1, cursor=cursor)
+        assert caught.value.field == "cursor"
+
+
+def test_sqlite_store_refuses_changes_of_the_wrong_shape(tmp_path: Path, clock: FakeClock) -> None:
+    with SqliteTaskStore(path=tmp_path / "s.db", clock=clock) as store:
+        task = make_task(clock)
+        store.create(task)
+        for changes in ({"images": "0.png"}, {"attempts": "1"}, {"error": {"code": "x"}}, {"info": [1]}):
+            with pytest.raises(ValueError, match="must be"):
+                store.transition(task.task_id, expected={Q}, to=R, changes=changes)
+        assert store.get(task.task_id) == task
+        moved = store.transition(task.task_id, expected={Q}, to=F, changes={"error": {"code": "c", "message": "m"}})
+        assert moved.error == TaskError(code="c", message="m")
+
+
+def test_sqlite_errors_become_backend_errors(tmp_path: Path, clock: FakeClock) -> None:
+    with SqliteTaskStore(path=tmp_path, clock=clock) as store, pytest.raises(BackendError) as caught:  # a directory
+        store.get("x")
+    assert isinstance(caught.value.__cause__, sqlite3.Error)

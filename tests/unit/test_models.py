@@ -1,0 +1,115 @@
+"""The task model and its state machine: the TRANSITIONS table, pinned pair by pair."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+
+from sdasync import models
+from sdasync.backends.base import check_transition
+from sdasync.models import MUTABLE_FIELDS, TERMINAL, TRANSITIONS, Api, Task, TaskError, TaskStatus, can_transition
+
+Q, R, S, F, C = (TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.SUCCEEDED, TaskStatus.FAILED,
+                 TaskStatus.CANCELLED)
+
+#: Written out by hand so that any change to models.TRANSITIONS has to be made twice, on purpose.
+ALLOWED = {
+    (Q, R), (Q, C), (Q, F),
+    (R, R), (R, Q), (R, S), (R, F), (R, C),
+}
+ALL_PAIRS = list(itertools.product(TaskStatus, repeat=2))
+
+
+@pytest.mark.parametrize(("src", "dst"), ALL_PAIRS, ids=[f"{s}->{d}" for s, d in ALL_PAIRS])
+def test_every_pair_is_allowed_or_refused_as_designed(src: TaskStatus, dst: TaskStatus) -> None:
+    allowed = (src, dst) in ALLOWED
+
+    assert can_transition(src, dst) is allowed
+    assert (dst in TRANSITIONS[src]) is allowed
+    if allowed:
+        check_transition({src}, dst)
+    else:
+        with pytest.raises(ValueError, match="not allowed"):
+            check_transition({src}, dst)
+
+
+def test_the_table_names_every_status_and_nothing_else() -> None:
+    assert set(TRANSITIONS) == set(TaskStatus)
+    assert all(targets <= set(TaskStatus) for targets in TRANSITIONS.values())
+
+
+@pytest.mark.parametrize("status", sorted(TERMINAL))
+def test_terminal_states_have_no_exit(status: TaskStatus) -> None:
+    assert status.is_terminal
+    assert TRANSITIONS[status] == frozenset()
+    assert not any(can_transition(status, dst) for dst in TaskStatus)
+
+
+def test_terminal_means_succeeded_failed_or_cancelled() -> None:
+    assert {S, F, C} == TERMINAL
+    assert not Q.is_terminal
+    assert not R.is_terminal
+
+
+def test_every_non_terminal_state_can_reach_a_terminal_one() -> None:
+    for status in set(TaskStatus) - TERMINAL:
+        assert TRANSITIONS[status] & TERMINAL, status
+
+
+def test_check_transition_needs_every_expected_status_to_allow_it() -> None:
+    check_transition({Q, R}, C)
+    with pytest.raises(ValueError, match="not allowed"):
+        check_transition({Q, R}, S)  # queued -> succeeded is not allowed
+    with pytest.raises(ValueError, match="at least one"):
+        check_transition(set(), R)
+
+
+def test_statuses_are_their_wire_strings() -> None:
+    assert [str(s) for s in TaskStatus] == ["queued", "running", "succeeded", "failed", "cancelled"]
+    assert TaskStatus("running") is R
+
+
+def test_only_two_engine_routes_exist() -> None:
+    assert {str(a) for a in Api} == {"/sdapi/v1/txt2img", "/sdapi/v1/img2img"}
+    assert (Api.TXT2IMG.kind, Api.IMG2IMG.kind) == ("txt2img", "img2img")
+    with pytest.raises(ValueError, match="options"):
+        Api("/sdapi/v1/options")
+
+
+def test_task_error_round_trips_through_a_dict() -> None:
+    error = TaskError(code="engine_timeout", message="no answer")
+    assert TaskError.from_dict(error.to_dict()) == error
+
+
+def test_new_task_starts_queued_at_the_given_time() -> None:
+    task = Task.new(Api.TXT2IMG, {"prompt": "a cat"}, now=123.5)
+
+    assert (task.status, task.created_at, task.updated_at, task.attempts) == (Q, 123.5, 123.5, 0)
+    assert (task.images, task.error, task.worker, task.extra) == ((), None, None, {})
+
+
+def test_with_changes_touches_only_mutable_fields() -> None:
+    task = Task.new(Api.TXT2IMG, {}, now=1.0)
+
+    moved = task.with_changes(R, {"attempts": 1, "worker": "w1"}, now=2.0)
+
+    assert (moved.status, moved.attempts, moved.worker, moved.updated_at, moved.created_at) == (R, 1, "w1", 2.0, 1.0)
+    with pytest.raises(ValueError, match="mutable"):
+        task.with_changes(R, {"payload": {}}, now=2.0)
+
+
+def test_mutable_fields_are_task_fields_but_not_identity_or_status() -> None:
+    fields = set(Task.__dataclass_fields__)
+    assert fields >= MUTABLE_FIELDS
+    assert not MUTABLE_FIELDS & {"task_id", "api", "payload", "status", "created_at", "updated_at"}
+
+
+def test_task_ids_are_url_safe_and_sort_by_creation_time() -> None:
+    ids = [models.new_task_id() for _ in range(50)]
+
+    assert len(set(ids)) == 50
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    prefixes = [i[:12] for i in ids]
+    assert prefixes == sorted(prefixes)

@@ -1,0 +1,89 @@
+"""URL scheme -> implementation: unknown schemes and parameters fail fast and say what is valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sdasync.backends import registry
+from sdasync.backends.local.files import FileBlobStore
+from sdasync.backends.registry import REGISTRY, open_backend, resolve, scheme_of
+from sdasync.backends.sqlite.queue import SqliteQueue
+from sdasync.backends.sqlite.store import SqliteTaskStore
+from sdasync.errors import ConfigError
+
+BUILT_IN = [(role, scheme) for role, schemes in sorted(REGISTRY.items()) for scheme, (_, extra) in
+            sorted(schemes.items()) if extra is None]
+
+
+@pytest.mark.parametrize(("role", "url", "cls"), [
+    ("queue", "sqlite:///data/sdasync.db", SqliteQueue),
+    ("store", "sqlite:///data/sdasync.db", SqliteTaskStore),
+    ("blobs", "file:///data/results", FileBlobStore),
+    ("queue", "SQLite:///data/sdasync.db", SqliteQueue),  # schemes are case-insensitive, as in RFC 3986
+])
+def test_urls_select_their_implementation(role: str, url: str, cls: type) -> None:
+    assert resolve(role, url) is cls
+
+
+@pytest.mark.parametrize(("role", "url", "valid"), [
+    ("queue", "redis://localhost/0", "sqlite://"),
+    ("store", "postgres://db/tasks", "sqlite://"),
+    ("blobs", "gs://bucket/prefix", "file://"),
+    ("engine", "comfy://127.0.0.1:8188", "diffusers://, fake://, webui+http://, webui+https://"),
+])
+def test_an_unknown_scheme_lists_the_valid_ones(role: str, url: str, valid: str) -> None:
+    with pytest.raises(ConfigError, match=rf"unknown {role} URL scheme .*valid: {valid.replace('+', '[+]')}$"):
+        resolve(role, url)
+
+
+@pytest.mark.parametrize("url", ["data/sdasync.db", "", "sqlite:data.db"])
+def test_something_that_is_not_a_url_is_refused(url: str) -> None:
+    with pytest.raises(ConfigError, match="not a URL"):
+        scheme_of(url)
+
+
+@pytest.mark.parametrize(("role", "url", "valid"), [
+    ("queue", "sqlite:///q.db?visibility=30", "max_receives, name, poll_interval, visibility_timeout"),
+    ("store", "sqlite:///q.db?table=tasks", "none"),
+    ("blobs", "file:///results?public=1", "none"),
+])
+def test_an_unknown_parameter_lists_the_valid_ones(role: str, url: str, valid: str) -> None:
+    with pytest.raises(ConfigError, match=rf"unknown parameter .* valid: {valid}$"):
+        open_backend(role, url)
+
+
+def test_opening_a_backend_only_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    queue = open_backend("queue", "sqlite:///data/sdasync.db?name=jobs&max_receives=4")
+    store = open_backend("store", "sqlite:///data/sdasync.db", clock=lambda: 42.0)
+    blobs = open_backend("blobs", "file:///data/results")
+
+    assert (queue.name, queue.max_receives, queue.path) == ("jobs", 4, Path("data/sdasync.db"))
+    assert store.path == Path("data/sdasync.db")
+    assert blobs.root == Path("data/results")
+    assert list(tmp_path.iterdir()) == []  # nothing was created or opened
+
+
+@pytest.mark.parametrize(("role", "scheme"), BUILT_IN, ids=[f"{r}-{s}" for r, s in BUILT_IN])
+def test_every_built_in_target_imports_and_looks_like_a_backend(role: str, scheme: str) -> None:
+    cls = resolve(role, f"{scheme}:///x")
+
+    assert callable(getattr(cls, "from_url", None))
+    assert isinstance(cls.capabilities, frozenset)
+
+
+def test_a_missing_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(REGISTRY["engine"], "ghost", ("sdasync_no_such_module.engine:GhostEngine", "ghost"))
+
+    with pytest.raises(ConfigError, match=r"ghost:// needs sdasync_no_such_module: pip install 'sdasync\[ghost\]'"):
+        registry.resolve("engine", "ghost://model")
+
+
+def test_a_broken_built_in_module_is_not_disguised_as_a_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(REGISTRY["queue"], "broken", ("sdasync_no_such_module.queue:BrokenQueue", None))
+
+    with pytest.raises(ImportError):
+        registry.resolve("queue", "broken:///x")
