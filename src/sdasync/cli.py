@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(worker, "--burst", help="exit when the queue is empty")
     _opt(worker, "--max-tasks", type=int, help="exit after this many tasks")
     _opt(worker, "--max-idle", type=float, help="exit after this many seconds without a task")
+    worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by serve's supervisor
 
     submit = sub.add_parser("submit", help="submit a txt2img request to a running API")
     submit.add_argument("prompt")
@@ -194,6 +195,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         worker = Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, engine=engine,
                         config=config)
         _install_stop_handlers(worker.request_stop)
+        if args.parent_pid:
+            from sdasync.supervisor import watch_parent
+
+            watch_parent(args.parent_pid, worker.request_stop)
         worker.run(burst=args.burst, max_tasks=args.max_tasks, max_idle_s=args.max_idle)
     return 0
 

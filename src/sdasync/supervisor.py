@@ -7,12 +7,13 @@ worker exactly one SIGTERM: a worker takes a second signal as "exit now", which 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 class WorkerSupervisor:
     def __init__(self, args: Sequence[str], count: int, *, drain_timeout_s: float = 90.0,
                  check_interval_s: float = 0.5) -> None:
-        self.command = [sys.executable, "-m", "sdasync", "worker", *args]
+        self.command = [sys.executable, "-m", "sdasync", "worker", *args, "--parent-pid", str(os.getpid())]
         self.count = count
         self.drain_timeout_s = drain_timeout_s
         self.check_interval_s = check_interval_s
@@ -61,8 +62,9 @@ class WorkerSupervisor:
             return sum(1 for p in self.processes if p.poll() is None)
 
     def health(self) -> dict[str, object]:
-        alive = self.alive()
-        return {"ok": alive > 0 or self.count == 0, "running": alive, "desired": self.count}
+        with self._lock:
+            pids = [p.pid for p in self.processes if p.poll() is None]
+        return {"ok": bool(pids) or self.count == 0, "running": len(pids), "desired": self.count, "pids": pids}
 
     def kill(self) -> None:
         """SIGKILL every worker now. Takes no lock: it runs from a signal handler while ``stop`` holds it."""
@@ -87,3 +89,18 @@ class WorkerSupervisor:
                     process.wait()
         if self._thread.is_alive():
             self._thread.join(timeout=self.check_interval_s * 4)
+
+
+def watch_parent(parent_pid: int, on_orphaned: Callable[[], None], *, interval_s: float = 1.0) -> threading.Thread:
+    """Call ``on_orphaned`` once the process that started this one is gone (it was SIGKILLed, say): a worker in
+    its own session would otherwise poll the queue forever with nobody to stop it."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        log.warning("parent process %d is gone; stopping", parent_pid)
+        on_orphaned()
+
+    thread = threading.Thread(target=watch, name="sdasync-parent-watch", daemon=True)
+    thread.start()
+    return thread

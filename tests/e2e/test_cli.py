@@ -127,3 +127,24 @@ def test_cancelled_queued_task_never_runs(procs: Processes, port: int, tmp_path:
     again = procs.run("cancel", task_id, "--url", url)
     assert again.returncode == 2
     assert "already cancelled" in again.stderr
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: its parent, init here, may not reap it at once)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in {"Z", "X"}
+
+
+def test_workers_stop_when_serve_is_killed(procs: Processes, port: int, tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{port}"
+    serve = procs.start("serve", "--port", str(port), "--data-dir", str(tmp_path / "data"), "--workers", "2",
+                        "--engine", "fake://", name="serve")
+    health = wait_until(lambda: (h := wait_healthy(url, serve))["workers"]["running"] == 2 and h,  # type: ignore[index]
+                        timeout=60)
+    pids = health["workers"]["pids"]
+    serve.kill()
+    serve.wait(timeout=10)
+    wait_until(lambda: all(gone(pid) for pid in pids), timeout=30, message=f"orphaned workers {pids} kept running")

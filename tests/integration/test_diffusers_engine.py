@@ -211,6 +211,7 @@ def test_bad_img2img_requests_are_rejected(engine: DiffusersEngine, payload: dic
         ("UniPC", None),
         ("Heun", None),
         ("PNDM", None),
+        ("LMS", None),
         ("dpm++ 2m sde", "Automatic"),
     ],
 )
@@ -235,12 +236,6 @@ def test_samplers_differ(engine: DiffusersEngine) -> None:
 def test_unsupported_samplers_are_rejected(engine: DiffusersEngine, changes: dict[str, Any], message: str) -> None:
     with pytest.raises(EngineRejected, match=message):
         run(engine, **changes)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("scipy") is not None, reason="LMS works where scipy is installed")
-def test_lms_without_scipy_says_why(engine: DiffusersEngine) -> None:
-    with pytest.raises(EngineRejected, match="scipy"):
-        run(engine, sampler_name="LMS")
 
 
 @pytest.mark.parametrize(

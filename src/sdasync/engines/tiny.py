@@ -92,6 +92,10 @@ def write_tokenizer_files(folder: Path) -> None:
 def import_untyped(module: str) -> Any:
     """Import a module of diffusers/transformers as ``Any``: their annotations are partial, and mypy strict would
     otherwise flag every call into them."""
+    if module.split(".")[0] == "diffusers":
+        # transformers warns at import about image processors that want torchvision; Stable Diffusion does not
+        # use them, and the warning would land in every worker's log. Errors still show.
+        importlib.import_module("transformers.utils.logging").set_verbosity_error()
     return importlib.import_module(module)
 
 
