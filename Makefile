@@ -36,7 +36,7 @@ pytest: install-dev
 test: lint typecheck pytest
 
 bench: install-dev
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_engines.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_engines.py --repeat 5
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_service.py
 
 clean:
