@@ -11,6 +11,7 @@
      +-- BlobNotFound                 blob_not_found        404
      +-- ReceiptInvalid               receipt_invalid       409  a queue receipt is no longer the current delivery
      +-- BackendError  (retryable)    backend_unavailable   503  queue, store or blob store failed
+     |    +-- BackendRefused          backend_refused       500  the backend refused the call itself (not retryable)
      +-- UnexpectedError  (retryable) internal_error        500  an engine or library raised something unforeseen
      +-- EngineError                  engine_error          502
           +-- EngineUnavailable  (retryable)   engine_unavailable   cannot connect, 5xx, not ready
@@ -85,6 +86,14 @@ class BackendError(SdasyncError):
     code = "backend_unavailable"
     http_status = 503
     retryable = True
+
+
+class BackendRefused(BackendError):
+    """The backend understood the call and refuses it (a validation error, an item too large): no retry helps."""
+
+    code = "backend_refused"
+    http_status = 500
+    retryable = False
 
 
 class UnexpectedError(SdasyncError):

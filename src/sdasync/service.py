@@ -1,28 +1,47 @@
 """TaskService: submit, get, list and cancel tasks. The HTTP API, the Lambda handler and the CLI all go through it.
 
-Submission order: the task is written first, then its message is sent. A task whose message could not be sent is
-marked ``failed`` (``queue_unavailable``) before the error reaches the client, so no task is left ``queued`` with
-no message behind it (the original design's first defect).
+Submission order: the message is sent first, then the task is written (see ``TaskService.submit``), so no task is
+ever left ``queued`` with no message behind it (the original design's first defect).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sdasync.backends.base import BlobStore, Queue, TaskPage, TaskStore
 from sdasync.backends.registry import open_backend
 from sdasync.config import Limits, Settings
-from sdasync.errors import BackendError, SdasyncError, TaskConflict
-from sdasync.models import Task, TaskError, TaskStatus
+from sdasync.errors import TaskConflict
+from sdasync.models import Task, TaskStatus
 from sdasync.validation import SEED_MAX, validate_request
 
 log = logging.getLogger(__name__)
+
+#: Payloads larger than this (JSON bytes) are kept in the blob store; the task refers to them.
+INLINE_PAYLOAD_MAX = 64 * 1024
+#: The key in ``Task.extra`` naming the blob that holds the payload.
+PAYLOAD_REF = "payloadRef"
+
+
+def payload_key(task_id: str) -> str:
+    return f"requests/{task_id}.json"
+
+
+def load_payload(task: Task, blobs: BlobStore) -> dict[str, Any]:
+    """The task's payload, fetched from the blob store when it was too large to keep inline.
+    Raises BlobNotFound, BackendError."""
+    ref = task.extra.get(PAYLOAD_REF)
+    if not ref:
+        return task.payload
+    loaded: dict[str, Any] = json.loads(blobs.get(str(ref)))
+    return loaded
 
 
 @dataclass
@@ -43,36 +62,40 @@ def open_backends(settings: Settings) -> Iterator[Backends]:
 
 
 class TaskService:
-    def __init__(self, backends: Backends, *, limits: Limits | None = None) -> None:
+    def __init__(self, backends: Backends, *, limits: Limits | None = None,
+                 inline_payload_max: int = INLINE_PAYLOAD_MAX) -> None:
         self.queue = backends.queue
         self.store = backends.store
         self.blobs = backends.blobs
         self.limits = limits or Limits()
+        self.inline_payload_max = inline_payload_max
 
     def submit(self, body: Any) -> Task:
-        """Validate, store and enqueue. Raises RequestError (nothing stored), BackendError."""
+        """Validate, enqueue, then store. Raises RequestError (nothing stored), BackendError.
+
+        The message goes out before the task is written: if the send fails, nothing exists and the client gets
+        a 503; if the write fails (or this process dies) after the send, the message names a task that never
+        existed, and workers drop it after a few deliveries. Either way no task can wait in ``queued`` for a
+        message that was never sent."""
         api, payload = validate_request(body, self.limits)
         if payload["seed"] == -1:
             # Fixed now, not by the engine, so a retried attempt draws the same images as the first one did and
             # overwriting them under the same keys changes nothing.
             payload["seed"] = secrets.randbelow(SEED_MAX + 1)
-        task = Task.new(api, payload)
+        task = self._offload(Task.new(api, payload))
+        self.queue.send(task.task_id)
         self.store.create(task)
-        try:
-            self.queue.send(task.task_id)
-        except SdasyncError as exc:
-            self._fail_unsent(task, exc)
-            raise BackendError(f"the queue refused the task; it is marked failed: {exc.message}") from exc
         return task
 
-    def _fail_unsent(self, task: Task, exc: SdasyncError) -> None:
-        try:
-            self.store.transition(task.task_id, expected={TaskStatus.QUEUED}, to=TaskStatus.FAILED, changes={
-                "finished_at": time.time(),
-                "error": TaskError("queue_unavailable", f"the task could not be queued: {exc.message}"),
-            })
-        except SdasyncError:
-            log.exception("task %s: could not mark unsent task failed", task.task_id)
+    def _offload(self, task: Task) -> Task:
+        """Keep a large payload (base64 init images) in the blob store, so task items and queue messages stay
+        small: a DynamoDB item holds at most 400 KB, and the original design failed on exactly this."""
+        data = json.dumps(task.payload, separators=(",", ":")).encode()
+        if len(data) <= self.inline_payload_max:
+            return task
+        key = payload_key(task.task_id)
+        self.blobs.put(key, data, content_type="application/json")
+        return replace(task, payload={}, extra={**task.extra, PAYLOAD_REF: key})
 
     def get(self, task_id: str) -> Task:
         """Raises TaskNotFound, BackendError."""

@@ -226,3 +226,59 @@ def test_stop_request_finishes_the_current_task(backends: Backends, service: Tas
     statuses = [service.get(t.task_id).status for t in tasks]
     assert statuses.count(TaskStatus.SUCCEEDED) == 1
     assert statuses.count(TaskStatus.QUEUED) == 2
+
+
+def test_large_payloads_travel_through_the_blob_store(backends: Backends) -> None:
+    service = TaskService(backends, inline_payload_max=1024)
+    big = {"api": "/sdapi/v1/txt2img", "payload": {**BODY["payload"], "prompt": "x" * 5000}}  # type: ignore[dict-item]
+    task = service.submit(big)
+    stored = service.get(task.task_id)
+    assert stored.payload == {}
+    assert stored.extra["payloadRef"] == f"requests/{task.task_id}.json"
+    seen: list[dict[str, Any]] = []
+
+    class Recording(ScriptedEngine):
+        def generate(self, request: GenerationRequest) -> GenerationResult:
+            seen.append(request.payload)
+            return super().generate(request)
+
+    drain(make_worker(backends, Recording()))
+    assert seen[0]["prompt"] == "x" * 5000
+    done = service.get(task.task_id)
+    assert done.status is TaskStatus.SUCCEEDED
+    assert done.progress is not None and done.progress["steps"] == 4
+
+
+def test_a_message_may_arrive_before_its_task(backends: Backends, service: TaskService) -> None:
+    # The API sends first and writes second; a worker can see the message in between.
+    backends.queue.send("not-yet-written")
+    worker = make_worker(backends, ScriptedEngine())
+    message = backends.queue.receive()[0]
+    assert worker.handle(message) == "early"
+    depth = backends.queue.depth()
+    assert depth.in_flight == 1  # back after a short delay, not dropped
+
+
+def test_a_message_whose_task_never_appears_is_dropped(backends: Backends) -> None:
+    from sdasync.backends.base import Message
+
+    worker = make_worker(backends, ScriptedEngine())
+    backends.queue.send("never-written")
+    delivered = backends.queue.receive()[0]
+    late = Message(delivered.message_id, delivered.body, delivered.receipt, receive_count=5)
+    assert worker.handle(late) == "orphan"
+    assert backends.queue.depth() == type(backends.queue.depth())(0, 0, 0)
+
+
+def test_a_failed_send_stores_nothing(backends: Backends) -> None:
+    class BrokenQueue:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(backends.queue, name)
+
+        def send(self, body: str, *, delay_s: float = 0) -> str:
+            raise SdasyncError("queue down")
+
+    service = TaskService(Backends(queue=BrokenQueue(), store=backends.store, blobs=backends.blobs))  # type: ignore[arg-type]
+    with pytest.raises(SdasyncError):
+        service.submit(BODY)
+    assert backends.store.list().tasks == []

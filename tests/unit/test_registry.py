@@ -28,9 +28,9 @@ def test_urls_select_their_implementation(role: str, url: str, cls: type) -> Non
 
 
 @pytest.mark.parametrize(("role", "url", "valid"), [
-    ("queue", "redis://localhost/0", "sqlite://"),
-    ("store", "postgres://db/tasks", "sqlite://"),
-    ("blobs", "gs://bucket/prefix", "file://"),
+    ("queue", "redis://localhost/0", "sqlite://, sqs://"),
+    ("store", "postgres://db/tasks", "dynamodb://, sqlite://"),
+    ("blobs", "gs://bucket/prefix", "file://, s3://"),
     ("engine", "comfy://127.0.0.1:8188", "diffusers://, fake://, webui+http://, webui+https://"),
 ])
 def test_an_unknown_scheme_lists_the_valid_ones(role: str, url: str, valid: str) -> None:

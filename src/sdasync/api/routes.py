@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -26,6 +27,7 @@ router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 503)
 }
+RESULT_KEY = re.compile(r"[A-Za-z0-9_-]+/[0-9]+\.png")
 TASK_ID = Query(alias="taskId", description="the id POST /task returned")
 
 
@@ -122,6 +124,9 @@ def get_result(request: Request, key: str) -> Response:
     blobs = _service(request).blobs
     if "served_by_api" not in blobs.capabilities:
         raise BlobNotFound("results are served by the blob store, not by the API")
+    if not RESULT_KEY.fullmatch(key):
+        # The blob store also keeps large request payloads; only result images are public.
+        raise BlobNotFound(f"no result {key!r}")
     try:
         data = blobs.get(key)
     except RequestError:

@@ -15,12 +15,15 @@ from sdasync.errors import ConfigError
 REGISTRY: dict[str, dict[str, tuple[str, str | None]]] = {
     "queue": {
         "sqlite": ("sdasync.backends.sqlite.queue:SqliteQueue", None),
+        "sqs": ("sdasync.backends.aws.sqs:SqsQueue", "aws"),
     },
     "store": {
         "sqlite": ("sdasync.backends.sqlite.store:SqliteTaskStore", None),
+        "dynamodb": ("sdasync.backends.aws.dynamodb:DynamoTaskStore", "aws"),
     },
     "blobs": {
         "file": ("sdasync.backends.local.files:FileBlobStore", None),
+        "s3": ("sdasync.backends.aws.s3:S3BlobStore", "aws"),
     },
     "engine": {
         "fake": ("sdasync.engines.fake:FakeEngine", None),

@@ -24,13 +24,16 @@ from typing import Any
 
 from sdasync.backends.base import BlobStore, Message, Queue, TaskStore
 from sdasync.engines.base import Engine, GenerationRequest, Progress
-from sdasync.errors import GenerationCancelled, SdasyncError, TaskConflict, TaskNotFound, UnexpectedError
+from sdasync.errors import BlobNotFound, GenerationCancelled, SdasyncError, TaskConflict, TaskNotFound, UnexpectedError
 from sdasync.models import Task, TaskError, TaskStatus
+from sdasync.service import load_payload
 from sdasync.worker.lease import Heartbeat
 
 log = logging.getLogger(__name__)
 
 QUEUED_OR_RUNNING = frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING})
+#: Deliveries of a message whose task does not exist before it is dropped (about 15 s of backoff in all).
+ORPHAN_RECEIVES = 5
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,7 @@ class Worker:
         try:
             task = self.store.get(message.body)
         except TaskNotFound:
-            log.error("message %s names unknown task %s; dropping it", message.message_id, message.body)
-            self.queue.ack(message.receipt)
-            return "orphan"
+            return self._unknown_task(message)
         if task.status.is_terminal:
             self.queue.ack(message.receipt)
             return "duplicate"
@@ -130,6 +131,17 @@ class Worker:
             return self._lost_claim(message, exc)
         return self._run(claimed, message)
 
+    def _unknown_task(self, message: Message) -> str:
+        """The API sends a task's message before it writes the task (see ``TaskService.submit``): a message can
+        arrive a moment early, or name a task whose write failed. Look again a few times, then drop it."""
+        if message.receive_count < ORPHAN_RECEIVES:
+            self.queue.nack(message.receipt, delay_s=min(2.0 ** message.receive_count, 30.0))
+            return "early"
+        log.warning("message %s names task %s, which was never written; dropping it", message.message_id,
+                    message.body)
+        self.queue.ack(message.receipt)
+        return "orphan"
+
     def _lost_claim(self, message: Message, exc: TaskConflict) -> str:
         current = exc.current
         if isinstance(current, Task) and current.status.is_terminal:
@@ -142,8 +154,16 @@ class Worker:
 
     def _run(self, task: Task, message: Message) -> str:
         attempt = task.attempts
+        try:
+            payload = load_payload(task, self.blobs)
+        except BlobNotFound:
+            error = TaskError("payload_missing", "the request's payload is gone from the blob store")
+            self._finish_failed(task, message, attempt, error, dead_letter=False)
+            return "failed"
+        except SdasyncError as exc:
+            return self._failed_attempt(task, message, exc)
         reporter = _ProgressReporter(self.store, task.task_id, attempt, self.config.progress_interval_s)
-        request = GenerationRequest(task_id=task.task_id, api=task.api, payload=task.payload,
+        request = GenerationRequest(task_id=task.task_id, api=task.api, payload=payload,
                                     on_progress=reporter.report, is_cancelled=reporter.cancelled.is_set)
         log.info("task %s attempt %d: generating", task.task_id, attempt)
         with Heartbeat(self.queue, message.receipt, visibility_timeout_s=self.config.visibility_timeout_s):
@@ -163,7 +183,7 @@ class Worker:
             self.store.transition(task.task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.SUCCEEDED,
                                   attempt=attempt, changes={
                                       "images": keys, "info": result.info, "finished_at": time.time(),
-                                      "error": None, "progress": _done(task)})
+                                      "error": None, "progress": _done(payload)})
         except TaskConflict:
             return self._after_conflict(task, message, keys=keys)
         self.queue.ack(message.receipt)
@@ -225,8 +245,8 @@ class Worker:
         return random.uniform(ceiling / 2, ceiling)
 
 
-def _done(task: Task) -> dict[str, Any]:
-    steps = int(task.payload.get("steps", 0))
+def _done(payload: dict[str, Any]) -> dict[str, Any]:
+    steps = int(payload.get("steps", 0))
     return {"fraction": 1.0, "step": steps, "steps": steps, "etaSeconds": 0.0}
 
 
