@@ -64,6 +64,8 @@ def _api_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help=f"default 8080 [{_env('port')}]")
     parser.add_argument("--public-url", help=f"the API's address as clients see it, for image URLs "
                         f"[{_env('public-url')}]")
+    parser.add_argument("--inline-payload-max", type=int, help=f"payloads over this many bytes are kept in the blob "
+                        f"store (default 65536) [{_env('inline-payload-max')}]")
     limits = parser.add_argument_group("request limits")
     for f in fields(Limits):
         flag = "--" + f.name.replace("_", "-")
@@ -114,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show a task")
     status.add_argument("task_id")
     _client_options(status)
+
+    aws = sub.add_parser("aws", help="AWS helpers").add_subparsers(dest="aws_command", required=True)
+    boot = aws.add_parser("bootstrap", help="create the SQS queues, DynamoDB table and S3 bucket the URLs name "
+                          "(idempotent)")
+    boot.add_argument("--queue", help=f"sqs://<name> [{_env('queue')}]", default=os.environ.get(_env("queue")))
+    boot.add_argument("--store", help=f"dynamodb://<table> [{_env('store')}]", default=os.environ.get(_env("store")))
+    boot.add_argument("--blobs", help=f"s3://<bucket>/<prefix> [{_env('blobs')}]",
+                      default=os.environ.get(_env("blobs")))
 
     cancel = sub.add_parser("cancel", help="cancel a queued or running task")
     cancel.add_argument("task_id")
@@ -243,6 +253,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0 if task["status"] == "succeeded" else 1
 
 
+def cmd_aws(args: argparse.Namespace) -> int:
+    from sdasync.bootstrap import bootstrap
+
+    for line in bootstrap({"queue": args.queue, "store": args.store, "blobs": args.blobs}):
+        print(f"ready  {line}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from sdasync.client import Client
 
@@ -268,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _logging(args)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "serve": lambda a: cmd_api(a, workers=a.workers), "api": cmd_api, "worker": cmd_worker,
-        "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel,
+        "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "aws": cmd_aws,
     }
     try:
         return commands[args.command](args)

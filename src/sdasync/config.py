@@ -50,6 +50,8 @@ class Settings:
     public_url: str | None = None
     visibility_timeout: float = 60.0
     max_attempts: int = 3
+    #: Payloads larger than this many JSON bytes are kept in the blob store, not in the task record.
+    inline_payload_max: int = 64 * 1024
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -85,7 +87,7 @@ def _convert(name: str, raw: str, kind: type[Any]) -> Any:
 
 _TYPES: dict[str, type[Any]] = {
     "data_dir": Path, "queue": str, "store": str, "blobs": str, "engine": str, "host": str, "port": int,
-    "public_url": str, "visibility_timeout": float, "max_attempts": int,
+    "public_url": str, "visibility_timeout": float, "max_attempts": int, "inline_payload_max": int,
 }
 
 
@@ -123,6 +125,8 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None 
 def _check(settings: Settings) -> None:
     if settings.max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
+    if not 1024 <= settings.inline_payload_max <= 256 * 1024:
+        raise ConfigError("inline_payload_max must be between 1024 and 262144 bytes (a DynamoDB item holds 400 KB)")
     if settings.visibility_timeout < 1:
         raise ConfigError("visibility_timeout must be at least 1 second")
     lim = settings.limits

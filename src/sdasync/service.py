@@ -25,7 +25,7 @@ from sdasync.validation import SEED_MAX, validate_request
 log = logging.getLogger(__name__)
 
 #: Payloads larger than this (JSON bytes) are kept in the blob store; the task refers to them.
-INLINE_PAYLOAD_MAX = 64 * 1024
+INLINE_PAYLOAD_MAX = Settings.inline_payload_max
 #: The key in ``Task.extra`` naming the blob that holds the payload.
 PAYLOAD_REF = "payloadRef"
 

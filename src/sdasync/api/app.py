@@ -37,7 +37,8 @@ def create_app(settings: Settings | None = None, *, backends: Backends | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with ExitStack() as stack:
             opened = backends or stack.enter_context(open_backends(settings))
-            app.state.service = TaskService(opened, limits=settings.limits)
+            app.state.service = TaskService(opened, limits=settings.limits,
+                                            inline_payload_max=settings.inline_payload_max)
             yield
 
     app = FastAPI(title="sdasync", version=__version__, lifespan=lifespan,
