@@ -1,0 +1,215 @@
+"""Task <-> DynamoDB item conversion and the listing cursor for ``DynamoTaskStore``. Pure: no client, no network.
+
+An item holds plain, typed attributes (``payload`` is a map ``M``, timestamps are numbers ``N``), never a JSON
+string, so the DynamoDB console, PartiQL and CloudWatch contributor insights can read it, and a client never sees
+DynamoDB's typed JSON: the store hands out ``Task`` objects only.
+
+Numbers: DynamoDB has one number type with 38 digits of precision, and boto3 refuses Python floats. Floats go in
+as ``Decimal(repr(x))`` (the shortest string that reads back as the same float) and numbers come out as ``int``
+when integral, else ``float``. Real DynamoDB normalises ``7.0`` to ``7``, so an integral float in a payload comes
+back as an equal ``int`` (``7 == 7.0``); deciding by value, not by the stored text, makes moto and AWS agree.
+The timestamp fields of a Task are always returned as floats and ``attempts`` as an int.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import decimal
+import json
+import math
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+
+from sdasync.errors import RequestError
+from sdasync.models import Api, Task, TaskError, TaskStatus
+
+#: The table's partition key, as the original README created it (``sd_tasks``, ``taskId`` string).
+KEY = "taskId"
+#: Index over every task, newest first: constant partition ``LIST_ALL_ATTR = LIST_ALL_VALUE``, sort ``LIST_KEY``.
+INDEX_ALL = "byCreated"
+#: Index by status, newest first: partition ``status``, sort ``LIST_KEY``.
+INDEX_STATUS = "byStatus"
+LIST_ALL_ATTR = "listAll"
+LIST_ALL_VALUE = "tasks"
+LIST_KEY = "listKey"
+#: The TTL attribute (epoch seconds); DynamoDB deletes the item some time (up to days) after it passes.
+EXPIRES_AT = "expiresAt"
+
+#: Task field -> item attribute, for every field a transition may change.
+CHANGE_ATTRS: Mapping[str, str] = {
+    "attempts": "attempts", "started_at": "startedAt", "finished_at": "finishedAt", "images": "images",
+    "info": "info", "error": "error", "progress": "progress", "worker": "worker",
+}
+
+_LIST_KEY_FORMAT = re.compile(r"\d{13}\.\d{6}#.+", re.DOTALL)
+_serializer = TypeSerializer()
+_deserializer = TypeDeserializer()
+
+
+def list_key(created_at: float, task_id: str) -> str:
+    """The sort key of both listing indexes: fixed-width creation time, then the id that breaks ties.
+
+    One string attribute because a GSI sort key is one attribute, and DynamoDB leaves the order of equal sort keys
+    undefined. Fixed width (13 integer digits, microseconds) makes string order equal numeric order for any
+    non-negative epoch time; the ``#`` always sits at the same position, so the id comparison starts only on equal
+    times, as in SQLite's ``ORDER BY created_at DESC, task_id DESC``."""
+    return f"{max(created_at, 0.0):020.6f}#{task_id}"
+
+
+def expires_at(from_time: float, retention_s: float) -> int:
+    # TTL wants whole epoch seconds; rounding up never expires a task early.
+    return math.ceil(from_time + retention_s)
+
+
+def to_dynamo(value: Any) -> Any:
+    """``value`` with every float as a Decimal (recursively), ready for TypeSerializer.
+
+    Raises ValueError for what DynamoDB cannot hold (NaN, infinities, numbers beyond 38 digits)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"DynamoDB cannot store {value!r}")
+        return Decimal(repr(value))
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): to_dynamo(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_dynamo(item) for item in value]
+    raise ValueError(f"cannot store a {type(value).__name__} in a task")
+
+
+def from_dynamo(value: Any) -> Any:
+    """The inverse of ``to_dynamo`` on deserialized values: Decimals become ints (when integral) or floats."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {key: from_dynamo(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [from_dynamo(item) for item in value]
+    if isinstance(value, set | frozenset):  # string/number sets are never written by us, but read them sanely
+        return sorted(from_dynamo(item) for item in value)
+    return value
+
+
+def serialize(value: Any) -> dict[str, Any]:
+    """One attribute value in DynamoDB's typed form (``{"M": ...}``). Raises ValueError when it cannot be."""
+    try:
+        result: dict[str, Any] = dict(_serializer.serialize(to_dynamo(value)))
+    except (TypeError, decimal.DecimalException) as exc:  # boto3 traps Inexact/Rounded: over 38 digits
+        raise ValueError(f"DynamoDB cannot store {value!r}: {exc}") from exc
+    return result
+
+
+def deserialize(attribute: Mapping[str, Any]) -> Any:
+    typed: Any = dict(attribute)
+    return from_dynamo(_deserializer.deserialize(typed))
+
+
+def encode_change(name: str, value: Any) -> Any:
+    """A mutable field's plain attribute value, or None to remove the attribute. Raises ValueError for a value of
+    the wrong shape (the same rules as the SQLite store)."""
+    if name == "images":
+        if isinstance(value, str) or not all(isinstance(key, str) for key in value):
+            raise ValueError("images must be a sequence of blob keys")
+        return list(value)
+    if name == "error":
+        if value is None:
+            return None
+        try:
+            error = value if isinstance(value, TaskError) else TaskError.from_dict(value)
+        except (KeyError, TypeError) as exc:
+            raise ValueError("error must be a TaskError, a {code, message} mapping or None") from exc
+        return error.to_dict()
+    if name in {"info", "progress"}:
+        if value is not None and not isinstance(value, Mapping):
+            raise ValueError(f"{name} must be a mapping or None")
+        return None if value is None else dict(value)
+    if name == "attempts":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("attempts must be an integer")
+        return value
+    if name in {"started_at", "finished_at"}:
+        return None if value is None else float(value)
+    if name == "worker":
+        return None if value is None else str(value)
+    raise ValueError(f"not a mutable task field: {name!r}")  # pragma: no cover - callers check MUTABLE_FIELDS
+
+
+def task_to_item(task: Task, *, retention_s: float) -> dict[str, Any]:
+    """The whole item for a new task, in typed form. Optional fields that are None are left out, not NULL, so
+    ``attribute_exists`` means "set" and the item stays small. Raises ValueError for values DynamoDB rejects."""
+    plain: dict[str, Any] = {
+        KEY: task.task_id,
+        "api": str(Api(task.api)),
+        "payload": dict(task.payload),
+        "status": str(TaskStatus(task.status)),
+        "createdAt": float(task.created_at),
+        "updatedAt": float(task.updated_at),
+        "extra": dict(task.extra),
+        LIST_ALL_ATTR: LIST_ALL_VALUE,
+        LIST_KEY: list_key(task.created_at, task.task_id),
+        # Retention counts from creation; a transition to a terminal state restarts it from the end.
+        EXPIRES_AT: expires_at(task.created_at, retention_s),
+    }
+    for field, attr in CHANGE_ATTRS.items():
+        value = encode_change(field, getattr(task, field))
+        if value is not None:
+            plain[attr] = value
+    return {name: serialize(value) for name, value in plain.items()}
+
+
+def item_to_task(item: Mapping[str, Any]) -> Task:
+    """A Task from a typed item (GetItem, Query, ReturnValues). Unknown attributes are ignored."""
+    plain = {name: deserialize(value) for name, value in item.items()}
+
+    def number(name: str) -> float | None:
+        value = plain.get(name)
+        return None if value is None else float(value)
+
+    error = plain.get("error")
+    return Task(
+        task_id=str(plain[KEY]),
+        api=Api(plain["api"]),
+        payload=plain.get("payload") or {},
+        status=TaskStatus(plain["status"]),
+        created_at=float(plain["createdAt"]),
+        updated_at=float(plain["updatedAt"]),
+        started_at=number("startedAt"),
+        finished_at=number("finishedAt"),
+        attempts=int(plain.get("attempts", 0)),
+        images=tuple(str(key) for key in plain.get("images", ())),
+        info=plain.get("info"),
+        error=None if error is None else TaskError.from_dict(error),
+        progress=plain.get("progress"),
+        worker=plain.get("worker"),
+        extra=plain.get("extra") or {},
+    )
+
+
+def encode_cursor(sort_key: str, task_id: str, status: str | None) -> str:
+    """An opaque cursor: the last task's index position (enough to rebuild ExclusiveStartKey) and the status
+    filter of the listing it belongs to."""
+    raw = json.dumps({"k": sort_key, "t": task_id, "s": status}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, status: str | None) -> tuple[str, str]:
+    """The (listKey, taskId) a cursor names. Raises RequestError for anything this store did not hand out."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        data = json.loads(raw)
+        sort_key, task_id, cursor_status = data["k"], data["t"], data["s"]
+    except (ValueError, TypeError, KeyError, binascii.Error) as exc:
+        raise RequestError("invalid cursor", field="cursor") from exc
+    if (not isinstance(sort_key, str) or not isinstance(task_id, str) or not _LIST_KEY_FORMAT.fullmatch(sort_key)
+            or not sort_key.endswith(f"#{task_id}") or cursor_status != status):
+        # A cursor from a listing of another status would start in another index partition: DynamoDB refuses it.
+        raise RequestError("invalid cursor (or one from a listing with another status filter)", field="cursor")
+    return sort_key, task_id

@@ -1,0 +1,189 @@
+"""DynamoTaskStore against a moto_server: the table's shape, a table made by hand, ensure(), the raw items."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+pytest.importorskip("boto3")
+
+import boto3
+
+from sdasync.backends.aws.dynamodb import DynamoTaskStore
+from sdasync.errors import BackendRefused, ConfigError, RequestError, TaskConflict, TaskNotFound
+from sdasync.models import Api, Task, TaskError, TaskStatus
+
+DAY = 86400.0
+Q, R, S = TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.SUCCEEDED
+
+
+@pytest.fixture
+def raw(aws_endpoint: str) -> Iterator[Any]:
+    """A plain boto3 client, as an operator (or the original sample's code) would use."""
+    client = boto3.client("dynamodb")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def table_name() -> str:
+    return f"sd_tasks-{uuid.uuid4().hex[:12]}"
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_task(task_id: str, created_at: float = 1_700_000_000.0, **fields: Any) -> Task:
+    return Task(task_id=task_id, api=Api.TXT2IMG, payload={"prompt": "a cat", "steps": 20, "cfg_scale": 7.5},
+                created_at=created_at, updated_at=created_at, **fields)
+
+
+def create_by_hand(raw: Any, name: str, *, provisioned: bool) -> None:
+    """The table exactly as the original README makes it: name and partition key taskId (string), nothing else."""
+    billing: dict[str, Any] = (
+        {"ProvisionedThroughput": {"ReadCapacityUnits": 5, "WriteCapacityUnits": 5}} if provisioned
+        else {"BillingMode": "PAY_PER_REQUEST"})
+    raw.create_table(TableName=name, KeySchema=[{"AttributeName": "taskId", "KeyType": "HASH"}],
+                     AttributeDefinitions=[{"AttributeName": "taskId", "AttributeType": "S"}], **billing)
+
+
+def record_calls(client: Any) -> list[str]:
+    calls: list[str] = []
+    client.meta.events.register("before-call.dynamodb.*", lambda model, **_: calls.append(model.name))
+    return calls
+
+
+@pytest.mark.parametrize("provisioned", [False, True])
+def test_a_table_made_by_hand_works_and_ensure_adds_indexes_and_ttl(raw: Any, table_name: str,
+                                                                    provisioned: bool) -> None:
+    create_by_hand(raw, table_name, provisioned=provisioned)
+    with DynamoTaskStore(table=table_name) as store:
+        store.create(make_task("old"))
+        assert store.get("old") == make_task("old")
+        assert store.transition("old", expected={Q}, to=R, changes={"attempts": 1}).status == R
+        with pytest.raises(ConfigError, match="sdasync aws bootstrap"):
+            store.list()
+
+        store.ensure()
+
+        table = raw.describe_table(TableName=table_name)["Table"]
+        indexes = {index["IndexName"]: index for index in table["GlobalSecondaryIndexes"]}
+        assert {name: [key["AttributeName"] for key in index["KeySchema"]] for name, index in indexes.items()} == {
+            "byCreated": ["listAll", "listKey"], "byStatus": ["status", "listKey"]}
+        assert all(index["Projection"]["ProjectionType"] == "ALL" for index in indexes.values())
+        assert all(index["IndexStatus"] == "ACTIVE" for index in indexes.values())
+        ttl = raw.describe_time_to_live(TableName=table_name)["TimeToLiveDescription"]
+        assert (ttl["TimeToLiveStatus"], ttl["AttributeName"]) == ("ENABLED", "expiresAt")
+        # The task written before the indexes existed is listed: its item already carried their keys.
+        store.create(make_task("new", created_at=1_700_000_001.0))
+        assert [t.task_id for t in store.list().tasks] == ["new", "old"]
+        assert [t.task_id for t in store.list(status=R).tasks] == ["old"]
+
+
+def test_ensure_creates_the_table_and_a_second_call_only_reads(raw: Any, table_name: str) -> None:
+    with DynamoTaskStore(table=table_name) as store:
+        store.ensure()
+        table = raw.describe_table(TableName=table_name)["Table"]
+        assert table["TableStatus"] == "ACTIVE"
+        assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+        assert table["KeySchema"] == [{"AttributeName": "taskId", "KeyType": "HASH"}]
+        assert {index["IndexName"] for index in table["GlobalSecondaryIndexes"]} == {"byCreated", "byStatus"}
+
+        calls = record_calls(store.client)
+        store.ensure()
+
+        assert calls and all(call.startswith("Describe") for call in calls), calls
+        assert raw.describe_table(TableName=table_name)["Table"] == table
+
+
+def test_items_are_plain_attributes(raw: Any, table_name: str) -> None:
+    clock = Clock(1_700_000_050.0)
+    with DynamoTaskStore(table=table_name, retention_days=2, clock=clock) as store:
+        store.ensure()
+        task = make_task("plain", info={"seed": 4294967295})
+        store.create(task)
+
+        item = raw.get_item(TableName=table_name, Key={"taskId": {"S": "plain"}}, ConsistentRead=True)["Item"]
+        assert item["payload"] == {"M": {"prompt": {"S": "a cat"}, "steps": {"N": "20"}, "cfg_scale": {"N": "7.5"}}}
+        assert item["info"] == {"M": {"seed": {"N": "4294967295"}}}
+        assert (item["status"], item["api"]) == ({"S": "queued"}, {"S": "/sdapi/v1/txt2img"})
+        assert (item["attempts"], item["images"]) == ({"N": "0"}, {"L": []})
+        assert Decimal(item["createdAt"]["N"]) == 1_700_000_000  # AWS normalises the text of numbers, moto not
+        assert item["expiresAt"] == {"N": str(math.ceil(task.created_at + 2 * DAY))}
+        assert "error" not in item and "worker" not in item
+
+        # Retention restarts when the task ends, so a finished task is kept for the whole period.
+        store.transition("plain", expected={Q}, to=R, changes={"worker": "w1", "progress": {"fraction": 0.5}})
+        assert "expiresAt" in raw.get_item(TableName=table_name, Key={"taskId": {"S": "plain"}})["Item"]
+        clock.now = 1_700_000_100.25
+        store.transition("plain", expected={R}, to=TaskStatus.FAILED,
+                         changes={"error": TaskError("engine_timeout", "slow"), "progress": None})
+        item = raw.get_item(TableName=table_name, Key={"taskId": {"S": "plain"}}, ConsistentRead=True)["Item"]
+        assert item["expiresAt"] == {"N": str(math.ceil(clock.now + 2 * DAY))}
+        assert Decimal(item["updatedAt"]["N"]) == Decimal("1700000100.25")
+        assert item["error"] == {"M": {"code": {"S": "engine_timeout"}, "message": {"S": "slow"}}}
+        assert "progress" not in item  # None removes the attribute
+        assert item["worker"] == {"S": "w1"}
+
+
+def test_conflicts_and_missing_tasks(aws_endpoint: str, table_name: str) -> None:
+    with DynamoTaskStore(table=table_name) as store:
+        store.ensure()
+        store.create(make_task("t1"))
+
+        with pytest.raises(TaskConflict) as caught:
+            store.create(make_task("t1", created_at=5.0))
+        assert caught.value.current == make_task("t1")
+        with pytest.raises(TaskNotFound):
+            store.transition("nope", expected={Q}, to=R)
+        with pytest.raises(TaskNotFound):
+            store.get("nope")
+
+
+def test_a_cursor_belongs_to_its_status_filter(aws_endpoint: str, table_name: str) -> None:
+    with DynamoTaskStore(table=table_name) as store:
+        store.ensure()
+        for i in range(3):
+            store.create(make_task(f"t{i}", created_at=1_700_000_000.0 + i))
+        cursor = store.list(status=Q, limit=1).next_cursor
+        assert cursor is not None
+
+        assert [t.task_id for t in store.list(status=Q, limit=5, cursor=cursor).tasks] == ["t1", "t0"]
+        with pytest.raises(RequestError) as caught:
+            store.list(limit=1, cursor=cursor)
+        assert caught.value.field == "cursor"
+        # The last page has no cursor, even when it is exactly full.
+        assert store.list(limit=3).next_cursor is None
+
+
+def test_an_oversized_task_is_refused_not_retried(aws_endpoint: str, table_name: str) -> None:
+    with DynamoTaskStore(table=table_name) as store:
+        store.ensure()
+        with pytest.raises(BackendRefused, match="400 KB"):
+            store.create(Task(task_id="huge", api=Api.IMG2IMG, payload={"init_images": ["A" * 500_000]}))
+        with pytest.raises(BackendRefused, match="cannot store"):
+            store.create(Task(task_id="nan", api=Api.TXT2IMG, payload={"cfg_scale": math.nan}))
+        with pytest.raises(TaskNotFound):
+            store.get("huge")
+
+
+def test_a_missing_table_is_a_config_error(aws_endpoint: str, table_name: str) -> None:
+    with DynamoTaskStore(table=table_name) as store, pytest.raises(ConfigError, match="ResourceNotFound"):
+        store.get("x")
+
+
+def test_a_given_client_is_used_and_left_open(raw: Any, table_name: str) -> None:
+    with DynamoTaskStore(table=table_name, client=raw) as store:
+        assert store.client is raw
+        store.ensure()
+    assert raw.describe_table(TableName=table_name)["Table"]["TableStatus"] == "ACTIVE"  # still usable

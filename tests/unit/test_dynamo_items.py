@@ -1,0 +1,182 @@
+"""Task <-> DynamoDB item conversion, the listing cursor and ``DynamoTaskStore.from_url``: no network."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+pytest.importorskip("boto3")
+
+from sdasync.backends.aws.dynamo_items import (
+    decode_cursor,
+    deserialize,
+    encode_change,
+    encode_cursor,
+    item_to_task,
+    list_key,
+    serialize,
+    task_to_item,
+)
+from sdasync.backends.aws.dynamodb import DynamoTaskStore
+from sdasync.errors import ConfigError, RequestError
+from sdasync.models import Api, Task, TaskError, TaskStatus
+
+DAY = 86400.0
+
+NESTED: dict[str, Any] = {
+    "prompt": "ünïcode ☃", "negative_prompt": "", "seed": 4294967295, "steps": 20, "cfg_scale": 7.5,
+    "denoising_strength": 0.1, "tiny": 1e-7, "negative": -3, "big": 2**62, "restore_faces": False, "tiling": True,
+    "styles": [], "override_settings": {}, "script_args": [None, 0, 0.25, "", {"k": [1, {"deep": None}]}],
+    "alwayson_scripts": {"controlnet": {"args": [{"enabled": True, "weight": 1.5, "image": None}]}},
+}
+
+
+def full_task() -> Task:
+    return Task(
+        task_id="full-task", api=Api.IMG2IMG, payload=NESTED, status=TaskStatus.FAILED,
+        created_at=1_700_000_000.123456, updated_at=1_700_000_012.654321, started_at=1_700_000_001.5,
+        finished_at=1_700_000_012.25, attempts=3, images=("full-task/0.png", "x/1.png"),
+        info={"seed": 42, "all_seeds": [42, 43], "infotexts": [""], "extra": {}}, error=TaskError("engine_error", "x"),
+        progress={"fraction": 0.5, "eta_s": None}, worker="host-1:123", extra={"client": "cli", "tags": ["a"]},
+    )
+
+
+@pytest.mark.parametrize("task", [
+    full_task(),
+    Task(task_id="minimal", api=Api.TXT2IMG, payload={}, created_at=1_700_000_000.0, updated_at=1_700_000_000.0),
+    Task(task_id="zero", api=Api.TXT2IMG, payload={"a": 1}, info={}, progress={}, images=()),
+])
+def test_a_task_survives_the_round_trip(task: Task) -> None:
+    got = item_to_task(task_to_item(task, retention_s=30 * DAY))
+
+    assert got == task
+    assert (type(got.api), type(got.status), type(got.images)) == (Api, TaskStatus, tuple)
+    assert got.error is None or type(got.error) is TaskError
+    for name in ("created_at", "updated_at"):
+        assert type(getattr(got, name)) is float
+    assert type(got.attempts) is int
+
+
+def test_numbers_come_back_as_int_or_float_never_decimal() -> None:
+    payload = item_to_task(task_to_item(full_task(), retention_s=DAY)).payload
+
+    assert payload == NESTED
+    assert (type(payload["seed"]), type(payload["steps"]), type(payload["big"])) == (int, int, int)
+    assert (type(payload["cfg_scale"]), type(payload["tiny"])) == (float, float)
+    assert payload["restore_faces"] is False and payload["tiling"] is True
+
+    def walk(value: Any) -> None:
+        assert not isinstance(value, Decimal)
+        for child in (value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()):
+            walk(child)
+
+    walk(payload)
+
+
+def test_an_integral_float_reads_back_as_an_equal_int() -> None:
+    # Real DynamoDB stores 7.0 as 7; deciding by value makes moto and AWS agree.
+    assert deserialize({"N": "7"}) == 7.0
+    assert type(deserialize(serialize(7.0))) is int
+    assert deserialize({"N": "7.50"}) == 7.5
+
+
+def test_items_hold_plain_typed_attributes() -> None:
+    task = full_task()
+    item = task_to_item(task, retention_s=30 * DAY)
+
+    assert item["taskId"] == {"S": "full-task"}
+    assert item["status"] == {"S": "failed"}
+    assert item["api"] == {"S": "/sdapi/v1/img2img"}
+    assert set(item["payload"]) == {"M"}  # a map, never a JSON string
+    assert item["payload"]["M"]["cfg_scale"] == {"N": "7.5"}
+    assert item["payload"]["M"]["negative_prompt"] == {"S": ""}
+    assert item["payload"]["M"]["styles"] == {"L": []}
+    assert item["createdAt"] == {"N": "1700000000.123456"}
+    assert item["images"] == {"L": [{"S": "full-task/0.png"}, {"S": "x/1.png"}]}
+    assert item["error"] == {"M": {"code": {"S": "engine_error"}, "message": {"S": "x"}}}
+    assert item["expiresAt"] == {"N": str(math.ceil(task.created_at + 30 * DAY))}
+    assert item["listAll"] == {"S": "tasks"}
+    assert item["listKey"] == {"S": "0001700000000.123456#full-task"}
+
+
+def test_unset_optional_fields_are_absent_not_null() -> None:
+    item = task_to_item(Task(task_id="t", api=Api.TXT2IMG, payload={}), retention_s=DAY)
+
+    assert not {"startedAt", "finishedAt", "info", "error", "progress", "worker"} & set(item)
+    assert item["attempts"] == {"N": "0"}
+    assert item["images"] == {"L": []}
+
+
+def test_list_key_orders_by_time_then_id_as_strings() -> None:
+    keys = [list_key(t, i) for t, i in [(9.5, "b"), (10.0, "a"), (10.0, "b"), (1e10, "a"), (1_700_000_000.1, "z")]]
+    # Plain string order (DynamoDB's, on the index sort key) is numeric time order, then id order.
+    assert sorted(keys) == sorted(keys, key=lambda k: (float(k.split("#")[0]), k.split("#")[1]))
+    assert len({len(k.split("#")[0]) for k in keys}) == 1
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, {"x": [-math.inf]}, 10**40, object()])
+def test_values_dynamodb_cannot_hold_are_value_errors(value: Any) -> None:
+    with pytest.raises(ValueError, match="cannot store"):
+        serialize(value)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("images", "0.png"), ("images", [1]), ("attempts", "1"), ("attempts", True), ("error", {"code": "x"}),
+    ("error", "boom"), ("info", [1]), ("progress", "half"),
+])
+def test_changes_of_the_wrong_shape_are_refused(name: str, value: Any) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        encode_change(name, value)
+
+
+def test_changes_are_encoded_as_plain_values() -> None:
+    assert encode_change("images", ("a", "b")) == ["a", "b"]
+    assert encode_change("error", TaskError("c", "m")) == {"code": "c", "message": "m"}
+    assert encode_change("error", {"code": "c", "message": "m"}) == {"code": "c", "message": "m"}
+    assert encode_change("started_at", 5) == 5.0
+    assert all(encode_change(name, None) is None for name in ("error", "info", "progress", "worker", "finished_at"))
+
+
+def test_cursor_round_trip_and_refusals() -> None:
+    key = list_key(1_700_000_000.5, "abc")
+    cursor = encode_cursor(key, "abc", "queued")
+
+    assert decode_cursor(cursor, "queued") == (key, "abc")
+    for status in (None, "running"):
+        with pytest.raises(RequestError) as caught:
+            decode_cursor(cursor, status)
+        assert caught.value.field == "cursor"
+    for forged in (encode_cursor("x#abc", "abc", None), encode_cursor(key, "other", None)):
+        with pytest.raises(RequestError):
+            decode_cursor(forged, None)
+
+
+# DynamoTaskStore.from_url only parses ---------------------------------------------------------------------------
+
+
+def test_from_url_parses_table_region_and_retention() -> None:
+    store = DynamoTaskStore.from_url("dynamodb://sd_tasks?region=eu-west-1&retention_days=7.5")
+
+    assert (store.table, store.region, store.retention_s) == ("sd_tasks", "eu-west-1", 7.5 * DAY)
+    assert store.capabilities == frozenset({"list", "cas", "ttl"})
+    assert DynamoTaskStore.from_url("dynamodb://My.Tasks-1/").table == "My.Tasks-1"
+    assert DynamoTaskStore.from_url("dynamodb://sd_tasks").retention_s == 30 * DAY
+
+
+@pytest.mark.parametrize(("url", "match"), [
+    ("dynamodb://sd_tasks?ttl=3", "valid: region, retention_days"),
+    ("dynamodb://sd_tasks?retention_days=soon", "retention_days"),
+    ("dynamodb://sd_tasks?retention_days=0", "positive"),
+    ("dynamodb://ab", "table name"),
+    ("dynamodb://", "table name"),
+    ("dynamodb://bad%20name", "table name"),
+    ("dynamodb://user@tasks", "table name"),
+    ("dynamodb://" + "x" * 256, "table name"),
+    ("dynamodb://sd_tasks/extra", "without a path"),
+])
+def test_from_url_refuses_bad_urls(url: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        DynamoTaskStore.from_url(url)
