@@ -20,6 +20,7 @@ in subprocesses as ``contract.backends``.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -85,6 +86,45 @@ def file_blobs(directory: Path, clock: FakeClock) -> Iterator[BlobStore]:
         yield blobs
 
 
-QUEUE_FACTORIES: dict[str, QueueFactory] = {"sqlite": sqlite_queue}
-STORE_FACTORIES: dict[str, StoreFactory] = {"sqlite": sqlite_store}
-BLOB_FACTORIES: dict[str, BlobFactory] = {"file": file_blobs}
+def aws_name(directory: Path, prefix: str) -> str:
+    """A resource name unique to the test's directory and stable across processes (queue, table, bucket)."""
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:16]
+    return f"{prefix}-{digest}"
+
+
+@contextmanager
+def sqs_queue(directory: Path, clock: FakeClock) -> Iterator[Queue]:
+    # Imported here: the embedded backends' tests must not need boto3.
+    from sdasync.backends.aws.sqs import SqsQueue
+
+    clock.use_real_time()
+    with SqsQueue(queue=aws_name(directory, "q"), max_receives=MAX_RECEIVES, wait_s=1) as queue:
+        queue.ensure()
+        yield queue
+
+
+@contextmanager
+def dynamodb_store(directory: Path, clock: FakeClock) -> Iterator[TaskStore]:
+    from sdasync.backends.aws.dynamodb import DynamoTaskStore
+
+    clock.use_real_time()
+    with DynamoTaskStore(table=aws_name(directory, "tasks")) as store:
+        store.ensure()
+        yield store
+
+
+@contextmanager
+def s3_blobs(directory: Path, clock: FakeClock) -> Iterator[BlobStore]:
+    from sdasync.backends.aws.s3 import S3BlobStore
+
+    with S3BlobStore(bucket=aws_name(directory, "results"), prefix="results") as blobs:
+        blobs.ensure()
+        yield blobs
+
+
+#: Backends that need the session's moto_server (the ``aws_endpoint`` fixture).
+NEEDS_AWS = frozenset({"sqs", "dynamodb", "s3"})
+
+QUEUE_FACTORIES: dict[str, QueueFactory] = {"sqlite": sqlite_queue, "sqs": sqs_queue}
+STORE_FACTORIES: dict[str, StoreFactory] = {"sqlite": sqlite_store, "dynamodb": dynamodb_store}
+BLOB_FACTORIES: dict[str, BlobFactory] = {"file": file_blobs, "s3": s3_blobs}

@@ -14,7 +14,7 @@ import pytest
 
 from sdasync.backends.base import BlobStore, Queue, TaskStore
 
-from .backends import BLOB_FACTORIES, QUEUE_FACTORIES, STORE_FACTORIES, FakeClock
+from .backends import BLOB_FACTORIES, NEEDS_AWS, QUEUE_FACTORIES, STORE_FACTORIES, FakeClock
 
 
 @pytest.fixture
@@ -31,6 +31,8 @@ def backend_dir(tmp_path: Path) -> Path:
 @pytest.fixture(params=sorted(QUEUE_FACTORIES))
 def queue_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
+    if kind in NEEDS_AWS:
+        request.getfixturevalue("aws_endpoint")
     return kind
 
 
@@ -48,6 +50,8 @@ def queue(open_queue: Callable[[], Queue]) -> Queue:
 @pytest.fixture(params=sorted(STORE_FACTORIES))
 def store_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
+    if kind in NEEDS_AWS:
+        request.getfixturevalue("aws_endpoint")
     return kind
 
 
@@ -65,6 +69,8 @@ def store(open_store: Callable[[], TaskStore]) -> TaskStore:
 @pytest.fixture(params=sorted(BLOB_FACTORIES))
 def blobs_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
+    if kind in NEEDS_AWS:
+        request.getfixturevalue("aws_endpoint")
     return kind
 
 
