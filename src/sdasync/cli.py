@@ -17,7 +17,7 @@ from typing import Any
 
 from sdasync import __version__
 from sdasync.config import ENV_PREFIX, Limits, Settings, settings_from
-from sdasync.errors import SdasyncError
+from sdasync.errors import ConfigError, SdasyncError
 
 log = logging.getLogger("sdasync")
 
@@ -30,8 +30,9 @@ def _opt(parser: argparse.ArgumentParser, flag: str, *, type: Callable[[str], An
          help: str) -> None:
     """An option whose default comes from its environment variable, then from ``default``."""
     raw = os.environ.get(_env(flag))
-    value = type(raw) if raw is not None else default
-    parser.add_argument(flag, type=type, default=value, help=f"{help} [{_env(flag)}]")
+    # A string default is converted by argparse only when this subcommand runs, and a bad one is reported as a
+    # usage error, not a traceback in every other subcommand.
+    parser.add_argument(flag, type=type, default=raw if raw is not None else default, help=f"{help} [{_env(flag)}]")
 
 
 def _flag(parser: argparse.ArgumentParser, flag: str, *, help: str) -> None:
@@ -55,8 +56,8 @@ def _backend_options(parser: argparse.ArgumentParser, *, engine: bool = True) ->
                         f"heartbeats (default 60) [{_env('visibility-timeout')}]")
     parser.add_argument("--max-attempts", type=int, help=f"attempts before a task fails (default 3) "
                         f"[{_env('max-attempts')}]")
-    parser.add_argument("--log-level", default=os.environ.get(_env("log-level"), "INFO"),
-                        help=f"[{_env('log-level')}]")
+    parser.add_argument("--log-level", default=os.environ.get(_env("log-level"), "INFO"), type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help=f"[{_env('log-level')}]")
 
 
 def _api_options(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +144,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _logging(args: argparse.Namespace) -> None:
     level = getattr(args, "log_level", "INFO")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    # One line per HTTP request from the client and from boto3's connection pool is noise at INFO.
+    for noisy in ("httpx", "httpcore", "botocore", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _worker_args(args: argparse.Namespace, settings: Settings) -> list[str]:
@@ -202,6 +206,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     config = WorkerConfig(visibility_timeout_s=settings.visibility_timeout, max_attempts=settings.max_attempts)
     with open_backends(settings) as backends, \
             open_backend("engine", settings.engine, models_dir=settings.models_dir) as engine:
+        if backends.queue.max_receives <= settings.max_attempts:
+            raise ConfigError(f"the queue dead-letters a message after {backends.queue.max_receives} receives, "
+                              f"which leaves no room for --max-attempts {settings.max_attempts}; raise the "
+                              f"queue's max_receives above it")
         worker = Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, engine=engine,
                         config=config)
         _install_stop_handlers(worker.request_stop)
@@ -210,7 +218,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
             watch_parent(args.parent_pid, worker.request_stop)
         worker.run(burst=args.burst, max_tasks=args.max_tasks, max_idle_s=args.max_idle)
-    return 0
+    return worker.exit_code
 
 
 def _install_stop_handlers(request_stop: Callable[[], None]) -> None:
@@ -244,7 +252,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if not args.wait:
             _print({"taskId": task_id, "status": "queued"})
             return 0
-        task = client.wait(task_id, timeout_s=args.timeout)
+        print(f"task {task_id} queued; waiting", file=sys.stderr)
+        try:
+            task = client.wait(task_id, timeout_s=args.timeout)
+        except KeyboardInterrupt:
+            print(f"\nstopped waiting; the task goes on: sdasync status {task_id}", file=sys.stderr)
+            return 130
         if args.out and task["status"] == "succeeded":
             saved = [str(client.download(url, args.out / f"{task_id}-{i}.png"))
                      for i, url in enumerate(task["result"]["images"])]

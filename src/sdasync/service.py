@@ -109,7 +109,8 @@ class TaskService:
         and publishes nothing. Raises TaskNotFound, TaskConflict (already finished), BackendError."""
         try:
             return self.store.transition(task_id, expected={TaskStatus.QUEUED, TaskStatus.RUNNING},
-                                         to=TaskStatus.CANCELLED, changes={"finished_at": time.time()})
+                                         to=TaskStatus.CANCELLED,
+                                         changes={"finished_at": time.time(), "progress": None})
         except TaskConflict as exc:
             current = exc.current.status if isinstance(exc.current, Task) else "finished"
             raise TaskConflict(f"task {task_id} is already {current} and cannot be cancelled",

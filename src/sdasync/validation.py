@@ -25,6 +25,9 @@ DEFAULTS: Mapping[str, Any] = {
 }
 SEED_MAX = 2**32 - 1
 SCRIPT_FIELDS = ("script_name", "script_args", "alwayson_scripts")
+#: Fields that load another checkpoint: allowed only where switching models is (``sd_model_checkpoint`` in the
+#: override allowlist), since a switch stalls every other task on that WebUI.
+MODEL_FIELDS = ("hr_checkpoint_name", "refiner_checkpoint")
 #: Set by sdasync on every call, so a client cannot, e.g., pick another task's id to interrupt it.
 SERVER_FIELDS = ("force_task_id", "send_images", "save_images")
 MAX_DEPTH = 32
@@ -61,12 +64,23 @@ def _check_finite(value: Any, path: str, depth: int) -> None:
         raise RequestError(f"{path} is nested too deeply", field=path)
     if isinstance(value, float) and not math.isfinite(value):
         raise RequestError(f"{path} must be a finite number, not {value}", field=path)
+    if isinstance(value, str):
+        _check_text(value, path)
     if isinstance(value, Mapping):
         for key, item in value.items():
+            _check_text(str(key), f"{path}.{key!r}")
             _check_finite(item, f"{path}.{key}", depth + 1)
     elif isinstance(value, list):
         for i, item in enumerate(value):
             _check_finite(item, f"{path}[{i}]", depth + 1)
+
+
+def _check_text(value: str, path: str) -> None:
+    # JSON escapes can smuggle lone surrogates ("\ud800") that no encoder downstream accepts.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{path} is not valid Unicode text", field=path) from None
 
 
 def _int(payload: Mapping[str, Any], name: str, low: int, high: int) -> int:
@@ -123,6 +137,10 @@ def validate_payload(api: Api, payload: dict[str, Any], limits: Limits) -> dict[
     _pixel_budget(payload, width, height, images, limits)
 
     _seed(payload, "seed")
+    if payload["seed"] + images - 1 > SEED_MAX:
+        # Image i uses seed + i, as in the WebUI.
+        raise RequestError(f"payload.seed + images - 1 must stay below 2^32, got {payload['seed']}",
+                           field="payload.seed")
     if "subseed" in payload:
         _seed(payload, "subseed")
     _number(payload, "cfg_scale", 0.0, 30.0)
@@ -135,8 +153,18 @@ def validate_payload(api: Api, payload: dict[str, Any], limits: Limits) -> dict[
 
     _scripts(payload, limits)
     _override_settings(payload, limits)
+    if "infotext" in payload:
+        # A1111 applies an infotext's settings as overrides, around the allowlist.
+        raise RequestError("payload.infotext is not accepted; send the fields themselves", field="payload.infotext")
+    for name in MODEL_FIELDS:
+        if payload.get(name) and "sd_model_checkpoint" not in limits.override_settings_allowlist:
+            raise RequestError(f"payload.{name} would load another checkpoint, which this server does not allow",
+                               field=f"payload.{name}")
+    for name, maximum in (("seed_resize_from_w", limits.max_width), ("seed_resize_from_h", limits.max_height)):
+        if name in payload:
+            _int(payload, name, -1, maximum)
     if api is Api.IMG2IMG:
-        _img2img(payload)
+        _img2img(payload, limits)
     else:
         for name in ("init_images", "mask"):
             if name in payload:
@@ -154,17 +182,33 @@ def _size(payload: Mapping[str, Any], name: str, maximum: int) -> int:
 def _pixel_budget(payload: Mapping[str, Any], width: int, height: int, images: int, limits: Limits) -> None:
     if payload.get("enable_hr"):
         # The high-resolution pass renders a second, larger image: that is what costs memory and time.
-        scale = _number(payload, "hr_scale", 1.0, 4.0) if "hr_scale" in payload else 2.0
-        hr_w = _int(payload, "hr_resize_x", 0, limits.max_width) if "hr_resize_x" in payload else 0
-        hr_h = _int(payload, "hr_resize_y", 0, limits.max_height) if "hr_resize_y" in payload else 0
-        width, height = (hr_w or int(width * scale)), (hr_h or int(height * scale))
+        width, height = _hires_size(payload, width, height, limits)
         if width > limits.max_width or height > limits.max_height:
             raise RequestError(f"the high-resolution pass would render {width}x{height}, over the limit of "
                                f"{limits.max_width}x{limits.max_height}", field="payload.hr_scale")
+        if "hr_second_pass_steps" in payload:
+            _int(payload, "hr_second_pass_steps", 0, limits.max_steps)
     total = width * height * images
     if total > limits.max_total_pixels:
         raise RequestError(f"width x height x images = {total} pixels, over the budget of "
                            f"{limits.max_total_pixels}", field="payload.width")
+
+
+def _hires_size(payload: Mapping[str, Any], width: int, height: int, limits: Limits) -> tuple[int, int]:
+    """The size the WebUI's second pass renders. One resize side given: the other follows the aspect ratio; both
+    given: the image is scaled to cover both, then cropped, so the render is the larger cover."""
+    scale = _number(payload, "hr_scale", 1.0, 4.0) if "hr_scale" in payload else 2.0
+    big = 4 * max(limits.max_width, limits.max_height)
+    x = _int(payload, "hr_resize_x", 0, big) if "hr_resize_x" in payload else 0
+    y = _int(payload, "hr_resize_y", 0, big) if "hr_resize_y" in payload else 0
+    if not x and not y:
+        return int(width * scale), int(height * scale)
+    if x and not y:
+        return x, x * height // width
+    if y and not x:
+        return y * width // height, y
+    cover = max(x / width, y / height)
+    return max(x, int(width * cover)), max(y, int(height * cover))
 
 
 def _seed(payload: Mapping[str, Any], name: str) -> None:
@@ -177,7 +221,7 @@ def _scripts(payload: Mapping[str, Any], limits: Limits) -> None:
             raise RequestError(f"payload.{name} is disabled on this server (allow_scripts)", field=f"payload.{name}")
 
 
-def _override_settings(payload: Mapping[str, Any], limits: Limits) -> None:
+def _override_settings(payload: dict[str, Any], limits: Limits) -> None:
     overrides = payload.get("override_settings")
     if overrides is None:
         return
@@ -188,21 +232,25 @@ def _override_settings(payload: Mapping[str, Any], limits: Limits) -> None:
         allowed = ", ".join(sorted(limits.override_settings_allowlist)) or "none"
         raise RequestError(f"override_settings key(s) not allowed: {', '.join(refused)}; allowed: {allowed}",
                            field=f"payload.override_settings.{refused[0]}")
+    # Otherwise an override would stay in the WebUI's settings for everyone's later tasks.
+    payload["override_settings_restore_afterwards"] = True
 
 
-def _img2img(payload: dict[str, Any]) -> None:
+def _img2img(payload: dict[str, Any], limits: Limits) -> None:
+    # Init images are resized to the output size; anything over 4x the largest output is only a cost.
+    max_pixels = 4 * limits.max_width * limits.max_height
     images = payload.get("init_images")
     if not isinstance(images, list) or not images:
         raise RequestError("payload.init_images must be a non-empty list of base64 images",
                            field="payload.init_images")
     for i, item in enumerate(images):
-        _check_image(item, f"payload.init_images[{i}]")
+        _check_image(item, f"payload.init_images[{i}]", max_pixels)
     if payload.get("mask") is not None:
-        _check_image(payload["mask"], "payload.mask")
+        _check_image(payload["mask"], "payload.mask", max_pixels)
     payload.setdefault("denoising_strength", 0.75)
 
 
-def _check_image(value: Any, path: str) -> None:
+def _check_image(value: Any, path: str, max_pixels: int) -> None:
     if not isinstance(value, str):
         raise RequestError(f"{path} must be a base64-encoded image", field=path)
     if value.startswith(("http://", "https://", "file:")):
@@ -217,6 +265,9 @@ def _check_image(value: Any, path: str) -> None:
 
     try:
         with Image.open(io.BytesIO(raw)) as img:
+            # The header alone tells the size: refuse a decompression bomb before anything decodes it.
+            if img.width * img.height > max_pixels:
+                raise RequestError(f"{path} is {img.width}x{img.height}, over {max_pixels} pixels", field=path)
             img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         raise RequestError(f"{path} is not a PNG, JPEG or WebP image", field=path) from None

@@ -157,3 +157,26 @@ def test_results_refuse_escaping_keys(client: TestClient, settings: Settings) ->
     (settings.data_dir / "secret.txt").write_text("no")
     assert client.get("/results/../secret.txt").status_code == 404
     assert client.get("/results/%2e%2e/secret.txt").status_code == 404
+
+
+@pytest.mark.parametrize("raw", [
+    b"[" * 50_000,
+    b'{"api": "/sdapi/v1/txt2img", "payload": {"seed": ' + b"9" * 5000 + b"}}",
+])
+def test_pathological_json_is_a_4xx(client: TestClient, raw: bytes) -> None:
+    response = client.post("/task", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "body"
+
+
+def test_unexpected_errors_answer_json(settings: Settings) -> None:
+    app = create_app(settings)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("kaput")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/boom")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"

@@ -12,6 +12,7 @@ from typing import Any, Self
 import pytest
 from PIL import Image
 
+from sdasync.backends.urls import url_for_path
 from sdasync.config import Settings
 from sdasync.engines.base import GenerationRequest, GenerationResult, Progress
 from sdasync.errors import EngineRejected, EngineUnavailable, GenerationCancelled, SdasyncError
@@ -282,3 +283,53 @@ def test_a_failed_send_stores_nothing(backends: Backends) -> None:
     with pytest.raises(SdasyncError):
         service.submit(BODY)
     assert backends.store.list().tasks == []
+
+
+def test_the_last_delivery_settles_the_task(tmp_path: Path) -> None:
+    # The queue dead-letters after 2 receives; even with more attempts allowed the task must not be left behind.
+    settings = Settings(data_dir=tmp_path, queue=url_for_path("sqlite", tmp_path / "q.db") + "?max_receives=2")
+    with open_backends(settings) as backends:
+        service = TaskService(backends)
+        task = service.submit(BODY)
+        engine = ScriptedEngine(failures=[EngineUnavailable("down")] * 5)
+        drain(make_worker(backends, engine, max_attempts=5))
+        done = service.get(task.task_id)
+        assert done.status is TaskStatus.FAILED
+        assert engine.calls == 2
+        assert [d.body for d in backends.queue.dead_letters()] == [task.task_id]  # type: ignore[attr-defined]
+
+
+def test_a_broken_engine_hands_the_task_back_and_stops(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+
+    class Broken(ScriptedEngine):
+        def health(self) -> dict[str, Any]:
+            return {"ok": self.calls == 0, "detail": "CUDA context lost"}
+
+    worker = make_worker(backends, Broken(failures=[EngineUnavailable("CUDA error: an illegal memory access")]))
+    worker.run(max_idle_s=0.3)
+    from sdasync.worker.loop import EXIT_ENGINE_BROKEN
+
+    assert worker.exit_code == EXIT_ENGINE_BROKEN
+    released = service.get(task.task_id)
+    assert released.status is TaskStatus.QUEUED
+    assert backends.queue.depth().visible == 1
+    drain(make_worker(backends, ScriptedEngine()))
+    assert service.get(task.task_id).status is TaskStatus.SUCCEEDED
+
+
+def test_cancel_clears_progress(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    backends.store.transition(task.task_id, expected={TaskStatus.QUEUED}, to=TaskStatus.RUNNING, attempt=0,
+                              changes={"attempts": 1, "progress": {"fraction": 0.5, "step": 2, "steps": 4}})
+    assert service.cancel(task.task_id).progress is None
+
+
+def test_a_worker_refuses_attempts_the_queue_cannot_hold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sdasync.cli import main
+
+    queue = url_for_path("sqlite", tmp_path / "q.db") + "?max_receives=3"
+    code = main(["worker", "--data-dir", str(tmp_path), "--queue", queue, "--max-attempts", "3", "--engine",
+                 "fake://", "--burst"])
+    assert code == 2
+    assert "max_receives" in capsys.readouterr().err

@@ -78,6 +78,16 @@ def test_api_missing() -> None:
     ({"restore_faces": "yes"}, "payload.restore_faces"),
     ({"styles": "anime"}, "payload.styles"),
     ({"denoising_strength": 1.5}, "payload.denoising_strength"),
+    ({"prompt": "\ud800"}, "payload.prompt"),
+    ({"extra": {"\udfff": 1}}, r"payload.extra.'\udfff'"),
+    ({"width": 2048, "height": 64, "enable_hr": True, "hr_scale": 1, "hr_resize_y": 2048}, "payload.hr_scale"),
+    ({"width": 512, "height": 512, "enable_hr": True, "hr_resize_x": 2048, "hr_resize_y": 4096}, "payload.hr_scale"),
+    ({"enable_hr": True, "hr_second_pass_steps": 100000}, "payload.hr_second_pass_steps"),
+    ({"infotext": "Steps: 20, Sampler: Euler"}, "payload.infotext"),
+    ({"hr_checkpoint_name": "other.safetensors"}, "payload.hr_checkpoint_name"),
+    ({"refiner_checkpoint": "refiner.safetensors"}, "payload.refiner_checkpoint"),
+    ({"seed_resize_from_w": 100000}, "payload.seed_resize_from_w"),
+    ({"seed": 2**32 - 1, "batch_size": 2}, "payload.seed"),
 ])
 def test_txt2img_refusals(payload: dict[str, Any], field: str) -> None:
     refuse({"api": "/sdapi/v1/txt2img", "payload": payload}, field)
@@ -98,6 +108,24 @@ def test_configured_limits_apply() -> None:
     _, payload = validate_request({"api": "/sdapi/v1/txt2img", "payload": {
         "script_name": "x", "override_settings": {"sd_vae": "auto"}}}, limits)
     assert payload["script_name"] == "x"
+
+
+def test_allowed_overrides_are_always_restored() -> None:
+    _, payload = validate_request({"api": "/sdapi/v1/txt2img", "payload": {
+        "override_settings": {"CLIP_stop_at_last_layers": 2}, "override_settings_restore_afterwards": False}},
+        Limits())
+    assert payload["override_settings_restore_afterwards"] is True
+
+
+def test_one_hires_side_follows_the_aspect_ratio() -> None:
+    _, payload = validate_request({"api": "/sdapi/v1/txt2img", "payload": {
+        "width": 512, "height": 256, "enable_hr": True, "hr_resize_x": 1024}}, Limits())
+    assert payload["hr_resize_x"] == 1024
+
+
+def test_oversized_init_image_refused_before_decoding() -> None:
+    refuse({"api": "/sdapi/v1/img2img", "payload": {"init_images": [png_b64((4200, 4200))]}},
+           "payload.init_images[0]", Limits(max_width=1024, max_height=1024))
 
 
 def test_server_fields_are_not_the_clients() -> None:

@@ -69,6 +69,11 @@ def create_app(settings: Settings | None = None, *, backends: Backends | None = 
         return JSONResponse(error_json(code, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc)
+        return JSONResponse(error_json("internal_error", "internal error; the server log has the details"), 500)
+
     return app
 
 

@@ -54,7 +54,8 @@ async def submit_task(request: Request, response: Response) -> dict[str, str]:
     raw = await request.body()
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, bad UTF-8 and integers past Python's digit limit.
         raise RequestError(f"the request body is not valid JSON: {exc}", field="body") from None
     task = await run_in_threadpool(_service(request).submit, body)
     response.headers["Location"] = f"/tasks/{task.task_id}"

@@ -36,6 +36,9 @@ class Queue(Protocol):
     """At-least-once queue with visibility timeouts and a dead-letter queue (SQS semantics)."""
 
     capabilities: frozenset[str]
+    #: A message received this many times goes to the dead-letter queue on its next receive (SQS's
+    #: maxReceiveCount). Workers resolve a task on its last delivery, so no task is left behind in the DLQ.
+    max_receives: int
 
     def send(self, body: str, *, delay_s: float = 0) -> str:
         """Enqueue ``body``, visible after ``delay_s``; returns the message id. Raises BackendError."""

@@ -52,7 +52,8 @@ def resolve(role: str, url: str) -> type[Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        if extra is None:
+        # Only a missing third-party package means "install the extra"; a broken sdasync module is a bug.
+        if extra is None or (exc.name or "").startswith("sdasync"):
             raise
         raise ConfigError(f"{scheme}:// needs {exc.name}: pip install 'sdasync[{extra}]'") from exc
     cls: type[Any] = getattr(module, class_name)

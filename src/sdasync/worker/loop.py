@@ -32,7 +32,9 @@ from sdasync.worker.lease import Heartbeat
 log = logging.getLogger(__name__)
 
 QUEUED_OR_RUNNING = frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING})
-#: Deliveries of a message whose task does not exist before it is dropped (about 15 s of backoff in all).
+#: Exit status of a worker that stopped because its engine broke: restart the process.
+EXIT_ENGINE_BROKEN = 3
+#: Deliveries of a message whose task does not exist before it is dropped (0.5 + 1 + 2 + 4 s of backoff).
 ORPHAN_RECEIVES = 5
 
 
@@ -59,6 +61,8 @@ class Worker:
         self.config = config or WorkerConfig()
         self.stop_event = threading.Event()
         self.counts: dict[str, int] = {}
+        #: What the worker process should exit with: 0, or EXIT_ENGINE_BROKEN.
+        self.exit_code = 0
         self._engine_ready = False
 
     def request_stop(self) -> None:
@@ -135,16 +139,21 @@ class Worker:
         """The API sends a task's message before it writes the task (see ``TaskService.submit``): a message can
         arrive a moment early, or name a task whose write failed. Look again a few times, then drop it."""
         if message.receive_count < ORPHAN_RECEIVES:
-            self.queue.nack(message.receipt, delay_s=min(2.0 ** message.receive_count, 30.0))
+            self.queue.nack(message.receipt, delay_s=min(0.5 * 2.0 ** (message.receive_count - 1), 30.0))
             return "early"
         log.warning("message %s names task %s, which was never written; dropping it", message.message_id,
                     message.body)
         self.queue.ack(message.receipt)
         return "orphan"
 
+    def _last_delivery(self, message: Message) -> bool:
+        """The queue dead-letters this message if it comes back once more: the task must be settled now."""
+        return message.receive_count >= self.queue.max_receives
+
     def _lost_claim(self, message: Message, exc: TaskConflict) -> str:
         current = exc.current
-        if isinstance(current, Task) and current.status.is_terminal:
+        if (isinstance(current, Task) and current.status.is_terminal) or self._last_delivery(message):
+            # On its last delivery a copy is not put back: the claim's winner holds the task and its own message.
             self.queue.ack(message.receipt)
             return "duplicate"
         # Someone else claimed it between our read and our write (a duplicate delivery). Look again later: by
@@ -210,7 +219,20 @@ class Worker:
     def _failed_attempt(self, task: Task, message: Message, exc: SdasyncError) -> str:
         attempt = task.attempts
         error = TaskError(exc.code, exc.message)
-        if exc.retryable and attempt < self.config.max_attempts:
+        if exc.retryable and not self._engine_healthy():
+            # The engine broke (a lost CUDA context, say): this worker cannot serve anyone. Hand the task back now
+            # and exit, so a fresh process (restarted by serve, systemd or the fleet) takes over.
+            log.error("engine unhealthy after %s; releasing task %s and stopping", exc, task.task_id)
+            self.exit_code = EXIT_ENGINE_BROKEN
+            self.request_stop()
+            try:
+                self.store.transition(task.task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.QUEUED,
+                                      attempt=attempt, changes={"error": error, "progress": None})
+            except TaskConflict:
+                return self._after_conflict(task, message, keys=())
+            self.queue.nack(message.receipt, delay_s=0)
+            return "released"
+        if exc.retryable and attempt < self.config.max_attempts and not self._last_delivery(message):
             delay = self.backoff_s(attempt)
             log.warning("task %s attempt %d failed (%s), retrying in %.1f s", task.task_id, attempt, exc, delay)
             try:
@@ -238,6 +260,12 @@ class Worker:
             self.queue.dead_letter(message.receipt, reason=error.code)
         else:
             self.queue.ack(message.receipt)
+
+    def _engine_healthy(self) -> bool:
+        try:
+            return bool(self.engine.health().get("ok", True))
+        except Exception:  # a health probe that raises is itself a sign of trouble
+            return False
 
     def backoff_s(self, attempt: int) -> float:
         """Exponential backoff with full jitter: spreads retries of a burst of failures over time."""
