@@ -87,3 +87,10 @@ def test_a_broken_built_in_module_is_not_disguised_as_a_missing_extra(monkeypatc
 
     with pytest.raises(ImportError):
         registry.resolve("queue", "broken:///x")
+
+
+def test_a_missing_sdasync_module_is_not_a_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(REGISTRY["queue"], "ghostq", ("sdasync.backends.no_such_module:GhostQueue", "aws"))
+
+    with pytest.raises(ImportError):
+        registry.resolve("queue", "ghostq://x")

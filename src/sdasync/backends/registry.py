@@ -53,7 +53,7 @@ def resolve(role: str, url: str) -> type[Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         # Only a missing third-party package means "install the extra"; a broken sdasync module is a bug.
-        if extra is None or (exc.name or "").startswith("sdasync"):
+        if extra is None or (exc.name or "").split(".")[0] == "sdasync":
             raise
         raise ConfigError(f"{scheme}:// needs {exc.name}: pip install 'sdasync[{extra}]'") from exc
     cls: type[Any] = getattr(module, class_name)

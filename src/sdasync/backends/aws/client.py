@@ -31,25 +31,28 @@ CONFIG_CODES = frozenset({
 
 
 def aws_client(service: str, *, region: str | None = None, connect_timeout_s: float = 5.0,
-               read_timeout_s: float = 30.0, retry_mode: str | None = None, max_attempts: int = 5) -> Any:
+               read_timeout_s: float = 30.0, retry_mode: str | None = None, max_attempts: int = 5,
+               **config: Any) -> Any:
     """A boto3 client. ``read_timeout_s`` must exceed any long-poll wait (SQS waits up to 20 s).
 
     Retries use botocore's ``standard`` mode (or ``AWS_RETRY_MODE``, e.g. ``adaptive``), which backs off with
-    jitter on throttling and transient errors before sdasync ever sees them."""
+    jitter on throttling and transient errors before sdasync ever sees them. ``config`` adds botocore Config
+    options (S3's ``signature_version``, say)."""
     try:
         import boto3
         from botocore.config import Config
     except ImportError as exc:
         raise ConfigError(f"AWS backends need boto3: pip install 'sdasync[aws]' ({exc})") from exc
     retries: Any = {"mode": retry_mode or os.environ.get("AWS_RETRY_MODE", "standard"), "max_attempts": max_attempts}
-    config = Config(
+    botocore_config = Config(
         connect_timeout=connect_timeout_s,
         read_timeout=read_timeout_s,
         retries=retries,
         user_agent_extra="sdasync",
+        **config,
     )
     with translate_errors(f"create {service} client"):
-        return boto3.session.Session().client(service, region_name=region, config=config)  # type: ignore[call-overload]
+        return boto3.session.Session().client(service, region_name=region, config=botocore_config)  # type: ignore[call-overload]
 
 
 def error_code(exc: BaseException) -> str:
