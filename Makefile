@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[diffusers]'
+	$(BIN)/python -m pip install --quiet -e '.[diffusers,aws]'
 	touch $@
 
 install-dev: $(VENV)/.installed-dev

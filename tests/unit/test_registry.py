@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,28 @@ def test_a_missing_sdasync_module_is_not_a_missing_extra(monkeypatch: pytest.Mon
 
     with pytest.raises(ImportError):
         registry.resolve("queue", "ghostq://x")
+
+
+def test_the_embedded_default_needs_no_boto3(tmp_path: Path) -> None:
+    script = f"""
+import sys
+sys.modules["boto3"] = None  # importing it now raises ImportError, as if it were not installed
+sys.modules["botocore"] = None
+import subprocess
+import sys
+from pathlib import Path
+from sdasync.config import Settings
+from sdasync.errors import ConfigError
+from sdasync.service import TaskService, open_backends
+from sdasync.backends.registry import open_backend
+with open_backends(Settings(data_dir=Path({str(tmp_path)!r}))) as backends:
+    task = TaskService(backends).submit({{"api": "/sdapi/v1/txt2img", "payload": {{"prompt": "x"}}}})
+    assert backends.store.get(task.task_id).status == "queued"
+try:
+    open_backend("queue", "sqs://sd-tasks").depth()
+except ConfigError as exc:
+    print(exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'sdasync[aws]'" in done.stdout

@@ -12,6 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+# Imported at module level: the registry turns a missing boto3 into "pip install 'sdasync[aws]'" when it imports
+# an AWS backend module, which imports this one.
+import boto3
+from botocore import exceptions as bex
+from botocore.config import Config
+
 from sdasync.errors import BackendError, BackendRefused, ConfigError, SdasyncError
 
 #: Error codes that mean "try again": throttling, capacity, transient server trouble.
@@ -38,11 +44,6 @@ def aws_client(service: str, *, region: str | None = None, connect_timeout_s: fl
     Retries use botocore's ``standard`` mode (or ``AWS_RETRY_MODE``, e.g. ``adaptive``), which backs off with
     jitter on throttling and transient errors before sdasync ever sees them. ``config`` adds botocore Config
     options (S3's ``signature_version``, say)."""
-    try:
-        import boto3
-        from botocore.config import Config
-    except ImportError as exc:
-        raise ConfigError(f"AWS backends need boto3: pip install 'sdasync[aws]' ({exc})") from exc
     retries: Any = {"mode": retry_mode or os.environ.get("AWS_RETRY_MODE", "standard"), "max_attempts": max_attempts}
     botocore_config = Config(
         connect_timeout=connect_timeout_s,
@@ -67,8 +68,6 @@ def translate_errors(action: str) -> Iterator[None]:
     """Turn botocore exceptions raised inside the block into BackendError (retryable) or ConfigError.
 
     Backends catch the specific codes they handle (a failed condition, a stale receipt) inside the block first."""
-    from botocore import exceptions as bex
-
     try:
         yield
     except SdasyncError:
