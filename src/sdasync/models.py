@@ -5,13 +5,18 @@ A task moves through these states (see docs/architecture.md for the diagram)::
     queued -> running -> succeeded
        |         |-----> failed
        |         |-----> queued     (a transient failure, retried later)
-       |         |-----> running    (re-claimed after its worker died; the attempt number fences the old worker)
+       |         |-----> running    (re-claimed once its worker's lease has passed; the attempt number fences
+       |         |                   the old worker)
        |         '-----> cancelled
        |-------> cancelled
        '-------> failed             (attempts exhausted before a claim, or the queue refused the message)
 
+    failed -> queued only by an operator's redrive (``sdasync dlq redrive``); succeeded and cancelled are final.
+
 Every change of state is a compare-and-set on the current status (and, for a worker's writes, on the attempt
-number), so a duplicate delivery or a stale worker can never overwrite a newer outcome.
+number), so a duplicate delivery or a stale worker can never overwrite a newer outcome. A running task is held
+under a lease (``lease_until``) that its worker's heartbeat extends; another worker may claim it only once the
+lease has passed (``TaskStore.transition(..., lease_expired_before=now)``), so a slow worker is not doubled.
 """
 
 from __future__ import annotations
@@ -38,14 +43,15 @@ class TaskStatus(enum.StrEnum):
 
 TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
-#: The only allowed transitions. Terminal states have no way out.
+#: The only allowed transitions. Terminal states have no way out, but for failed -> queued: an operator's redrive
+#: of a dead-lettered task. No worker writes it, so for a worker ``failed`` is as final as the others.
 TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}),
     TaskStatus.RUNNING: frozenset(
         {TaskStatus.RUNNING, TaskStatus.QUEUED, TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED}
     ),
     TaskStatus.SUCCEEDED: frozenset(),
-    TaskStatus.FAILED: frozenset(),
+    TaskStatus.FAILED: frozenset({TaskStatus.QUEUED}),
     TaskStatus.CANCELLED: frozenset(),
 }
 
@@ -80,7 +86,8 @@ class TaskError:
 
 #: Fields of a Task that a transition may change (besides status and updated_at, which it always sets).
 MUTABLE_FIELDS = frozenset(
-    {"attempts", "started_at", "finished_at", "images", "info", "error", "progress", "worker"}
+    {"attempts", "started_at", "finished_at", "images", "info", "error", "progress", "worker", "lease_until",
+     "history"}
 )
 
 
@@ -103,6 +110,12 @@ class Task:
     #: Which worker holds (or last held) the task, for operators.
     worker: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Epoch seconds until which the worker holding the current attempt owns the task; its heartbeat extends it.
+    lease_until: float | None = None
+    #: One record per finished attempt, oldest first: ``{"attempt": int, "worker": str | None, "startedAt":
+    #: float | None, "endedAt": float, "outcome": "succeeded" | "failed" | "retried" | "released" | "cancelled" |
+    #: "lost", "error": {"code", "message"} | None}``. The worker writes the whole tuple; stores only keep it.
+    history: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def new(cls, api: Api, payload: dict[str, Any], *, now: float | None = None) -> Task:
@@ -114,6 +127,18 @@ class Task:
         if unknown:
             raise ValueError(f"not a mutable task field: {sorted(unknown)}")
         return replace(self, status=status, updated_at=now, **changes)
+
+
+def history_records(value: Any) -> list[dict[str, Any]]:
+    """A task's ``history`` as a list of plain dicts, for a store to write. Raises ValueError unless it is a
+    sequence of mappings (the records' keys are the worker's business: stores keep whatever it wrote)."""
+    try:
+        valid = not isinstance(value, str | bytes | Mapping) and all(isinstance(item, Mapping) for item in value)
+    except TypeError:  # not iterable at all
+        valid = False
+    if not valid:
+        raise ValueError("history must be a sequence of attempt records (mappings)")
+    return [dict(record) for record in value]
 
 
 def new_task_id() -> str:

@@ -24,6 +24,11 @@ Q, R, S, F, C = (TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.SUCCEEDED, Ta
 _ids = itertools.count()
 
 
+#: An attempt record as the worker writes it into ``Task.history``.
+RECORD = {"attempt": 1, "worker": "host-0:9", "startedAt": 1_700_000_000.5, "endedAt": 1_700_000_001.75,
+          "outcome": "retried", "error": {"code": "engine_unavailable", "message": "connection refused"}}
+
+
 def make_task(clock: FakeClock, *, status: TaskStatus = Q, created_at: float | None = None,
               task_id: str | None = None) -> Task:
     now = clock() if created_at is None else created_at
@@ -51,6 +56,7 @@ def test_create_then_get_returns_an_equal_task(store: TaskStore, clock: FakeCloc
         started_at=1_700_000_001.5, finished_at=1_700_000_012.25, attempts=3, images=("full-task/0.png", "x/1.png"),
         info={"seed": 42, "all_seeds": [42, 43]}, error=TaskError(code="engine_error", message="boom"),
         progress={"fraction": 0.5, "eta_s": None}, worker="host-1:123", extra={"client": "cli", "tags": ["a"]},
+        lease_until=1_700_000_072.5, history=(RECORD, {**RECORD, "attempt": 2, "outcome": "lost", "error": None}),
     )
     minimal = Task.new(Api.TXT2IMG, {}, now=clock())
 
@@ -62,6 +68,7 @@ def test_create_then_get_returns_an_equal_task(store: TaskStore, clock: FakeCloc
         assert type(got.status) is TaskStatus
         assert isinstance(got.images, tuple)
         assert got.error is None or type(got.error) is TaskError
+        assert isinstance(got.history, tuple)
 
 
 def test_get_of_an_unknown_task_raises_not_found(store: TaskStore) -> None:
@@ -156,6 +163,95 @@ def test_a_stale_attempt_cannot_write(store: TaskStore, clock: FakeClock) -> Non
     assert (done.status, done.images, done.worker) == (S, ("x/0.png",), "new")
 
 
+def test_lease_and_history_round_trip_through_transitions(store: TaskStore, clock: FakeClock) -> None:
+    task = make_task(clock)
+    store.create(task)
+    lease = clock() + 60.25
+
+    claimed = store.transition(task.task_id, expected={Q}, to=R, attempt=0,
+                               changes={"attempts": 1, "worker": "w1", "lease_until": lease})
+    assert (claimed.lease_until, claimed.history) == (lease, ())
+    retried = store.transition(task.task_id, expected={R}, to=Q, attempt=1,
+                               changes={"lease_until": None, "history": (RECORD,)})
+
+    assert (retried.lease_until, retried.history) == (None, (RECORD,))
+    assert store.get(task.task_id) == retried
+    assert all(type(record) is dict for record in store.get(task.task_id).history)
+
+
+def test_a_live_lease_keeps_other_workers_out(store: TaskStore, clock: FakeClock) -> None:
+    now = clock()
+    task = make_task(clock)
+    store.create(task)
+    store.transition(task.task_id, expected={Q}, to=R, attempt=0, changes={"attempts": 1, "worker": "w1"})
+    # The holder's heartbeat: running -> running on its own attempt, pushing the lease forward.
+    held = store.transition(task.task_id, expected={R}, to=R, attempt=1, changes={"lease_until": now + 100})
+    claim = {"attempts": 2, "worker": "w2", "lease_until": now + 300}
+
+    for before in (now, now + 100):  # the lease runs until now + 100 inclusive
+        with pytest.raises(TaskConflict) as caught:
+            store.transition(task.task_id, expected={Q, R}, to=R, attempt=1, changes=claim,
+                             lease_expired_before=before)
+        assert caught.value.current == held == store.get(task.task_id)
+
+    taken = store.transition(task.task_id, expected={Q, R}, to=R, attempt=1, changes=claim,
+                             lease_expired_before=now + 200)
+    assert (taken.attempts, taken.worker, taken.lease_until) == (2, "w2", now + 300)
+    # The old holder's next heartbeat is fenced off by the attempt number.
+    with pytest.raises(TaskConflict):
+        store.transition(task.task_id, expected={R}, to=R, attempt=1, changes={"lease_until": now + 400})
+
+
+def test_a_running_task_without_a_lease_is_claimable(store: TaskStore, clock: FakeClock) -> None:
+    task = make_task(clock, status=R)
+    store.create(task)
+
+    taken = store.transition(task.task_id, expected={R}, to=R, changes={"attempts": 1},
+                             lease_expired_before=clock())
+
+    assert (taken.status, taken.attempts) == (R, 1)
+
+
+def test_a_queued_task_is_claimable_whatever_its_lease(store: TaskStore, clock: FakeClock) -> None:
+    now = clock()
+    # A lease left over from an attempt that put the task back in the queue does not hold a queued task.
+    leftover = Task(task_id=f"t{next(_ids):06d}", api=Api.TXT2IMG, payload={}, created_at=now, updated_at=now,
+                    lease_until=now + 100)
+    store.create(leftover)
+    fresh = make_task(clock)
+    store.create(fresh)
+
+    for task in (leftover, fresh):
+        taken = store.transition(task.task_id, expected={Q, R}, to=R, attempt=0, lease_expired_before=now,
+                                 changes={"attempts": 1, "lease_until": now + 60})
+        assert (taken.status, taken.attempts, taken.lease_until) == (R, 1, now + 60)
+
+
+def test_the_lease_condition_leaves_other_transitions_alone(store: TaskStore, clock: FakeClock) -> None:
+    # Cancelling a queued task, say: only a running task's lease can fail the condition.
+    task = make_task(clock)
+    store.create(task)
+
+    with pytest.raises(TaskConflict):  # and the status condition still applies
+        store.transition(task.task_id, expected={R}, to=F, lease_expired_before=clock())
+    assert store.transition(task.task_id, expected={Q}, to=C, lease_expired_before=clock()).status == C
+
+
+def test_an_operator_may_redrive_a_failed_task_but_nothing_else_ends_undone(store: TaskStore,
+                                                                          clock: FakeClock) -> None:
+    failed, succeeded, cancelled = (make_task(clock, status=status) for status in (F, S, C))
+    for task in (failed, succeeded, cancelled):
+        store.create(task)
+
+    assert store.transition(failed.task_id, expected={F}, to=Q, changes={"error": None}).status == Q
+    for task in (succeeded, cancelled):
+        with pytest.raises(ValueError, match="not allowed"):
+            store.transition(task.task_id, expected={task.status}, to=Q)
+        assert store.get(task.task_id) == task
+    with pytest.raises(ValueError, match="not allowed"):
+        store.transition(failed.task_id, expected={F, S}, to=Q)
+
+
 def test_transition_sets_updated_at(store: TaskStore, clock: FakeClock) -> None:
     task = make_task(clock)
     store.create(task)
@@ -171,8 +267,10 @@ def test_transition_sets_updated_at(store: TaskStore, clock: FakeClock) -> None:
         assert moved.updated_at == clock()
 
 
-def _race_to_claim(store: TaskStore, task_id: str, contenders: int) -> tuple[list[str], list[TaskConflict]]:
-    """``contenders`` threads released together, each claiming ``task_id`` for attempt 1."""
+def _race_to_claim(store: TaskStore, task_id: str, contenders: int, *, attempt: int = 0,
+                   lease_expired_before: float | None = None) -> tuple[list[str], list[TaskConflict]]:
+    """``contenders`` threads released together, each claiming ``task_id`` (queued, or running at ``attempt``) for
+    the next attempt."""
     barrier = threading.Barrier(contenders)
     winners: list[str] = []
     losers: list[TaskConflict] = []
@@ -181,7 +279,8 @@ def _race_to_claim(store: TaskStore, task_id: str, contenders: int) -> tuple[lis
     def claim(worker: str) -> None:
         barrier.wait(timeout=10)
         try:
-            store.transition(task_id, expected={Q}, to=R, attempt=0, changes={"attempts": 1, "worker": worker})
+            store.transition(task_id, expected={Q, R}, to=R, attempt=attempt, lease_expired_before=lease_expired_before,
+                             changes={"attempts": attempt + 1, "worker": worker})
             winners.append(worker)
         except TaskConflict as conflict:
             losers.append(conflict)
@@ -208,6 +307,19 @@ def test_concurrent_claims_from_threads_have_one_winner(store: TaskStore, clock:
         assert len(losers) == 7
         assert store.get(task.task_id).worker == winners[0]
         assert all(conflict.current is not None and conflict.current.status == R for conflict in losers)
+
+
+def test_concurrent_claims_of_an_expired_lease_have_one_winner(store: TaskStore, clock: FakeClock) -> None:
+    task = make_task(clock)
+    store.create(task)
+    store.transition(task.task_id, expected={Q}, to=R, attempt=0,
+                     changes={"attempts": 1, "worker": "dead", "lease_until": clock() - 1})
+
+    winners, losers = _race_to_claim(store, task.task_id, contenders=8, attempt=1, lease_expired_before=clock())
+
+    assert len(winners) == 1
+    assert len(losers) == 7
+    assert (store.get(task.task_id).attempts, store.get(task.task_id).worker) == (2, winners[0])
 
 
 def _list_all(store: TaskStore, *, status: TaskStatus | None = None, limit: int) -> list[list[Task]]:
@@ -341,3 +453,98 @@ def test_sqlite_errors_become_backend_errors(tmp_path: Path, clock: FakeClock) -
     with SqliteTaskStore(path=tmp_path, clock=clock) as store, pytest.raises(BackendError) as caught:  # a directory
         store.get("x")
     assert isinstance(caught.value.__cause__, sqlite3.Error)
+
+
+#: The tasks table as versions before leases and histories created it, copied verbatim.
+OLD_SCHEMA = """
+    CREATE TABLE tasks (
+        task_id TEXT PRIMARY KEY, api TEXT NOT NULL, payload TEXT NOT NULL, status TEXT NOT NULL,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL,
+        attempts INTEGER NOT NULL DEFAULT 0, images TEXT NOT NULL, info TEXT, error TEXT, progress TEXT, worker TEXT,
+        extra TEXT NOT NULL
+    )
+"""
+OLD_COLUMNS = ("task_id", "api", "payload", "status", "created_at", "updated_at", "started_at", "finished_at",
+               "attempts", "images", "info", "error", "progress", "worker", "extra")
+
+
+def _insert_old_row(conn: sqlite3.Connection, task_id: str, status: TaskStatus = R) -> None:
+    # The column list an older process still running against the same file would use.
+    conn.execute(f"INSERT INTO tasks ({', '.join(OLD_COLUMNS)}) VALUES ({', '.join('?' * len(OLD_COLUMNS))})",
+                 (task_id, str(Api.TXT2IMG), '{"prompt":"old"}', str(status), 1_600_000_000.0, 1_600_000_001.0,
+                  1_600_000_000.5, None, 1, '["a/0.png"]', None, None, '{"fraction":0.5}', "w-old", "{}"))
+
+
+def _old_database(path: Path) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute(OLD_SCHEMA)
+        _insert_old_row(conn, "old-1")
+    conn.close()
+
+
+def test_sqlite_store_upgrades_a_file_of_the_old_schema(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "old.db"
+    _old_database(path)
+
+    with SqliteTaskStore(path=path, clock=clock) as store:
+        old = store.get("old-1")
+        assert (old.status, old.attempts, old.images, old.progress, old.worker) == (
+            R, 1, ("a/0.png",), {"fraction": 0.5}, "w-old")
+        assert (old.lease_until, old.history) == (None, ())
+        # A lease-conditional claim works on the upgraded rows: no lease counts as an expired one.
+        taken = store.transition("old-1", expected={R}, to=R, attempt=1, lease_expired_before=clock(),
+                                 changes={"attempts": 2, "lease_until": clock() + 60, "history": (RECORD,)})
+        assert store.get("old-1") == taken
+        new = make_task(clock)
+        store.create(new)
+        assert store.get(new.task_id) == new
+
+    with sqlite3.connect(path) as conn:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+        # A process of the old version, still running, can go on inserting rows: the new columns have defaults.
+        _insert_old_row(conn, "old-2", status=Q)
+    conn.close()
+    assert {"lease_until", "history"} <= columns
+    with SqliteTaskStore(path=path, clock=clock) as store:
+        assert (store.get("old-2").lease_until, store.get("old-2").history) == (None, ())
+        assert store.get("old-1") == taken
+
+
+def test_sqlite_stores_opening_an_old_file_at_once_all_upgrade_it(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "old.db"
+    _old_database(path)
+    contenders = 8
+    barrier = threading.Barrier(contenders)
+    got: list[Task] = []
+    errors: list[BaseException] = []
+
+    def open_and_read() -> None:
+        # A store of its own, as another process would have: separate connections, no shared upgrade flag.
+        with SqliteTaskStore(path=path, clock=clock) as store:
+            barrier.wait(timeout=10)
+            try:
+                got.append(store.get("old-1"))
+            except BaseException as error:
+                errors.append(error)
+
+    threads = [threading.Thread(target=open_and_read) for _ in range(contenders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert errors == []
+    assert len(got) == contenders
+    assert all((task.lease_until, task.history) == (None, ()) for task in got)
+
+
+def test_sqlite_upgrade_tolerates_columns_added_behind_its_back(tmp_path: Path, clock: FakeClock,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s.db"
+    with SqliteTaskStore(path=path, clock=clock) as store:
+        store.create(make_task(clock, task_id="t"))
+    # As if another writer added the columns between the check and the ALTER: "duplicate column name".
+    monkeypatch.setattr("sdasync.backends.sqlite.store._columns", lambda conn: set())
+
+    with SqliteTaskStore(path=path, clock=clock) as store:
+        assert store.get("t").history == ()

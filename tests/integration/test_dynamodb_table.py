@@ -187,3 +187,55 @@ def test_a_given_client_is_used_and_left_open(raw: Any, table_name: str) -> None
         assert store.client is raw
         store.ensure()
     assert raw.describe_table(TableName=table_name)["Table"]["TableStatus"] == "ACTIVE"  # still usable
+
+
+def test_lease_and_history_are_plain_attributes(raw: Any, table_name: str) -> None:
+    clock = Clock(1_700_000_050.0)
+    record = {"attempt": 1, "worker": "w1", "startedAt": 1_700_000_000.5, "endedAt": 1_700_000_050.25,
+              "outcome": "retried", "error": {"code": "engine_unavailable", "message": "down"}}
+    with DynamoTaskStore(table=table_name, clock=clock) as store:
+        store.ensure()
+        store.create(make_task("leased"))
+        store.transition("leased", expected={Q}, to=R, changes={"attempts": 1, "lease_until": 1_700_000_110.5})
+
+        item = raw.get_item(TableName=table_name, Key={"taskId": {"S": "leased"}}, ConsistentRead=True)["Item"]
+        assert Decimal(item["leaseUntil"]["N"]) == Decimal("1700000110.5")
+        assert item["history"] == {"L": []}
+
+        store.transition("leased", expected={R}, to=Q, attempt=1, changes={"lease_until": None, "history": [record]})
+        item = raw.get_item(TableName=table_name, Key={"taskId": {"S": "leased"}}, ConsistentRead=True)["Item"]
+        assert "leaseUntil" not in item  # None removes it: attribute_not_exists is what the claim condition tests
+        assert item["history"]["L"][0]["M"]["outcome"] == {"S": "retried"}
+        assert item["history"]["L"][0]["M"]["error"] == {
+            "M": {"code": {"S": "engine_unavailable"}, "message": {"S": "down"}}}
+        assert store.get("leased").history == (record,)
+
+
+def test_an_item_written_before_leases_reads_back_and_can_be_claimed(raw: Any, table_name: str) -> None:
+    with DynamoTaskStore(table=table_name) as store:
+        store.ensure()
+        # As an older version wrote it: neither leaseUntil nor history.
+        raw.put_item(TableName=table_name, Item={
+            "taskId": {"S": "old"}, "api": {"S": "/sdapi/v1/txt2img"}, "status": {"S": "running"},
+            "payload": {"M": {}}, "createdAt": {"N": "1700000000"}, "updatedAt": {"N": "1700000000"},
+            "attempts": {"N": "1"}, "images": {"L": []}, "extra": {"M": {}}, "listAll": {"S": "tasks"},
+            "listKey": {"S": "0001700000000.000000#old"}})
+
+        old = store.get("old")
+        assert (old.status, old.attempts, old.lease_until, old.history) == (R, 1, None, ())
+        taken = store.transition("old", expected={Q, R}, to=R, attempt=1, changes={"attempts": 2},
+                                 lease_expired_before=1_700_000_000.0)
+        assert (taken.attempts, taken.history) == (2, ())
+
+
+def test_a_redrive_restarts_the_retention(raw: Any, table_name: str) -> None:
+    clock = Clock(1_700_000_000.0)
+    with DynamoTaskStore(table=table_name, retention_days=2, clock=clock) as store:
+        store.ensure()
+        store.create(make_task("dead", status=TaskStatus.FAILED))
+        clock.now += 1.5 * DAY  # the task sat in the dead-letter queue, close to its expiry
+
+        store.transition("dead", expected={TaskStatus.FAILED}, to=Q, changes={"error": None})
+
+        item = raw.get_item(TableName=table_name, Key={"taskId": {"S": "dead"}}, ConsistentRead=True)["Item"]
+        assert item["expiresAt"] == {"N": str(math.ceil(clock.now + 2 * DAY))}

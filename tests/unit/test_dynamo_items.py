@@ -19,6 +19,8 @@ from sdasync.backends.aws.dynamo_items import (
     list_key,
     serialize,
     task_to_item,
+    transition_condition,
+    update_expression,
 )
 from sdasync.backends.aws.dynamodb import DynamoTaskStore
 from sdasync.errors import ConfigError, RequestError
@@ -34,6 +36,13 @@ NESTED: dict[str, Any] = {
 }
 
 
+HISTORY = (
+    {"attempt": 1, "worker": "host-0:9", "startedAt": 1_700_000_000.5, "endedAt": 1_700_000_000.75,
+     "outcome": "retried", "error": {"code": "engine_unavailable", "message": "down"}},
+    {"attempt": 2, "worker": None, "startedAt": None, "endedAt": 1_700_000_001.25, "outcome": "lost", "error": None},
+)
+
+
 def full_task() -> Task:
     return Task(
         task_id="full-task", api=Api.IMG2IMG, payload=NESTED, status=TaskStatus.FAILED,
@@ -41,6 +50,7 @@ def full_task() -> Task:
         finished_at=1_700_000_012.25, attempts=3, images=("full-task/0.png", "x/1.png"),
         info={"seed": 42, "all_seeds": [42, 43], "infotexts": [""], "extra": {}}, error=TaskError("engine_error", "x"),
         progress={"fraction": 0.5, "eta_s": None}, worker="host-1:123", extra={"client": "cli", "tags": ["a"]},
+        lease_until=1_700_000_042.125, history=HISTORY,
     )
 
 
@@ -58,6 +68,8 @@ def test_a_task_survives_the_round_trip(task: Task) -> None:
     for name in ("created_at", "updated_at"):
         assert type(getattr(got, name)) is float
     assert type(got.attempts) is int
+    assert got.lease_until is None or type(got.lease_until) is float
+    assert type(got.history) is tuple and all(type(record) is dict for record in got.history)
 
 
 def test_numbers_come_back_as_int_or_float_never_decimal() -> None:
@@ -100,14 +112,28 @@ def test_items_hold_plain_typed_attributes() -> None:
     assert item["expiresAt"] == {"N": str(math.ceil(task.created_at + 30 * DAY))}
     assert item["listAll"] == {"S": "tasks"}
     assert item["listKey"] == {"S": "0001700000000.123456#full-task"}
+    assert item["leaseUntil"] == {"N": "1700000042.125"}
+    assert item["history"]["L"][1] == {"M": {
+        "attempt": {"N": "2"}, "worker": {"NULL": True}, "startedAt": {"NULL": True},
+        "endedAt": {"N": "1700000001.25"}, "outcome": {"S": "lost"}, "error": {"NULL": True}}}
 
 
 def test_unset_optional_fields_are_absent_not_null() -> None:
     item = task_to_item(Task(task_id="t", api=Api.TXT2IMG, payload={}), retention_s=DAY)
 
-    assert not {"startedAt", "finishedAt", "info", "error", "progress", "worker"} & set(item)
+    assert not {"startedAt", "finishedAt", "info", "error", "progress", "worker", "leaseUntil"} & set(item)
     assert item["attempts"] == {"N": "0"}
     assert item["images"] == {"L": []}
+    assert item["history"] == {"L": []}
+
+
+def test_an_item_from_before_leases_and_histories_reads_back_without_them() -> None:
+    item = task_to_item(full_task(), retention_s=DAY)
+    del item["leaseUntil"], item["history"]
+
+    got = item_to_task(item)
+
+    assert (got.lease_until, got.history) == (None, ())
 
 
 def test_list_key_orders_by_time_then_id_as_strings() -> None:
@@ -125,7 +151,8 @@ def test_values_dynamodb_cannot_hold_are_value_errors(value: Any) -> None:
 
 @pytest.mark.parametrize(("name", "value"), [
     ("images", "0.png"), ("images", [1]), ("attempts", "1"), ("attempts", True), ("error", {"code": "x"}),
-    ("error", "boom"), ("info", [1]), ("progress", "half"),
+    ("error", "boom"), ("info", [1]), ("progress", "half"), ("history", "retried"), ("history", {"attempt": 1}),
+    ("history", [1]),
 ])
 def test_changes_of_the_wrong_shape_are_refused(name: str, value: Any) -> None:
     with pytest.raises(ValueError, match="must be"):
@@ -137,7 +164,37 @@ def test_changes_are_encoded_as_plain_values() -> None:
     assert encode_change("error", TaskError("c", "m")) == {"code": "c", "message": "m"}
     assert encode_change("error", {"code": "c", "message": "m"}) == {"code": "c", "message": "m"}
     assert encode_change("started_at", 5) == 5.0
-    assert all(encode_change(name, None) is None for name in ("error", "info", "progress", "worker", "finished_at"))
+    assert encode_change("lease_until", 1_700_000_060) == 1_700_000_060.0
+    assert encode_change("history", HISTORY) == list(HISTORY)
+    assert encode_change("history", ()) == []  # an empty list, as images: only None removes an attribute
+    assert all(encode_change(name, None) is None
+               for name in ("error", "info", "progress", "worker", "finished_at", "lease_until"))
+
+
+def test_update_expression_sets_and_removes_through_placeholders() -> None:
+    update, names, values = update_expression({"status": "running", "leaseUntil": 5.5}, ["progress"])
+
+    assert update == "SET #s0 = :s0, #s1 = :s1 REMOVE #r0"
+    assert names == {"#s0": "status", "#s1": "leaseUntil", "#r0": "progress"}
+    assert values == {":s0": {"S": "running"}, ":s1": {"N": "5.5"}}
+    with pytest.raises(ValueError, match="cannot store"):
+        update_expression({"leaseUntil": math.nan}, [])
+
+
+def test_transition_condition_adds_attempt_and_lease_clauses() -> None:
+    condition, names, values = transition_condition(["queued", "running"], None, None)
+    assert condition == "attribute_exists(#key) AND #status IN (:e0, :e1)"
+    assert names == {"#key": "taskId", "#status": "status"}
+    assert values == {":e0": {"S": "queued"}, ":e1": {"S": "running"}}
+
+    condition, names, values = transition_condition(["running"], 2, 1_700_000_000.5)
+    assert condition == ("attribute_exists(#key) AND #status IN (:e0) AND #attempts = :attempt"
+                         " AND (#status <> :running OR attribute_not_exists(#lease) OR #lease < :leaseEnd)")
+    assert (names["#attempts"], names["#lease"]) == ("attempts", "leaseUntil")
+    assert (values[":attempt"], values[":running"], values[":leaseEnd"]) == (
+        {"N": "2"}, {"S": "running"}, {"N": "1700000000.5"})
+    # Never the placeholders update_expression uses, so one request can carry both.
+    assert not set(names) & {"#s0", "#r0"} and not set(values) & {":s0"}
 
 
 def test_cursor_round_trip_and_refusals() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ Q, R, S, F, C = (TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.SUCCEEDED, Ta
 ALLOWED = {
     (Q, R), (Q, C), (Q, F),
     (R, R), (R, Q), (R, S), (R, F), (R, C),
+    (F, Q),  # an operator's redrive of a dead-lettered task
 }
 ALL_PAIRS = list(itertools.product(TaskStatus, repeat=2))
 
@@ -40,11 +42,18 @@ def test_the_table_names_every_status_and_nothing_else() -> None:
     assert all(targets <= set(TaskStatus) for targets in TRANSITIONS.values())
 
 
-@pytest.mark.parametrize("status", sorted(TERMINAL))
-def test_terminal_states_have_no_exit(status: TaskStatus) -> None:
+@pytest.mark.parametrize("status", [S, C])
+def test_succeeded_and_cancelled_have_no_exit(status: TaskStatus) -> None:
     assert status.is_terminal
     assert TRANSITIONS[status] == frozenset()
     assert not any(can_transition(status, dst) for dst in TaskStatus)
+
+
+def test_failed_is_terminal_but_for_a_redrive_back_to_queued() -> None:
+    assert F.is_terminal
+    assert TRANSITIONS[F] == frozenset({Q})
+    with pytest.raises(ValueError, match="not allowed"):
+        check_transition({F}, R)  # a redrive re-queues; only a worker's claim makes it run
 
 
 def test_terminal_means_succeeded_failed_or_cancelled() -> None:
@@ -88,6 +97,7 @@ def test_new_task_starts_queued_at_the_given_time() -> None:
 
     assert (task.status, task.created_at, task.updated_at, task.attempts) == (Q, 123.5, 123.5, 0)
     assert (task.images, task.error, task.worker, task.extra) == ((), None, None, {})
+    assert (task.lease_until, task.history) == (None, ())
 
 
 def test_with_changes_touches_only_mutable_fields() -> None:
@@ -98,6 +108,31 @@ def test_with_changes_touches_only_mutable_fields() -> None:
     assert (moved.status, moved.attempts, moved.worker, moved.updated_at, moved.created_at) == (R, 1, "w1", 2.0, 1.0)
     with pytest.raises(ValueError, match="mutable"):
         task.with_changes(R, {"payload": {}}, now=2.0)
+
+
+def test_lease_and_history_are_mutable() -> None:
+    record = {"attempt": 1, "worker": "w1", "startedAt": 2.0, "endedAt": 3.5, "outcome": "retried",
+              "error": {"code": "engine_unavailable", "message": "down"}}
+    task = Task.new(Api.TXT2IMG, {}, now=1.0).with_changes(R, {"lease_until": 62.0}, now=2.0)
+
+    moved = task.with_changes(Q, {"lease_until": None, "history": (record,)}, now=3.5)
+
+    assert {"lease_until", "history"} <= MUTABLE_FIELDS
+    assert (task.lease_until, moved.lease_until, moved.history) == (62.0, None, (record,))
+
+
+@pytest.mark.parametrize("history", [(), [], ({"attempt": 1},), [{"attempt": 1}, {"attempt": 2, "outcome": "lost"}]])
+def test_history_records_are_plain_dicts(history: Any) -> None:
+    records = models.history_records(history)
+
+    assert records == [dict(r) for r in history]
+    assert all(type(r) is dict for r in records)
+
+
+@pytest.mark.parametrize("history", ["attempts", b"x", {"attempt": 1}, [1], [None], ({"attempt": 1}, "x"), 5, None])
+def test_history_of_the_wrong_shape_is_refused(history: Any) -> None:
+    with pytest.raises(ValueError, match="history must be"):
+        models.history_records(history)
 
 
 def test_mutable_fields_are_task_fields_but_not_identity_or_status() -> None:

@@ -104,10 +104,12 @@ class TaskStore(Protocol):
         ...
 
     def transition(self, task_id: str, *, expected: Collection[TaskStatus], to: TaskStatus,
-                   attempt: int | None = None, changes: Mapping[str, Any] | None = None) -> Task:
+                   attempt: int | None = None, changes: Mapping[str, Any] | None = None,
+                   lease_expired_before: float | None = None) -> Task:
         """Atomically move the task to ``to`` if its status is one of ``expected`` (and, when ``attempt`` is
-        given, its attempt number equals it), applying ``changes`` (fields in ``models.MUTABLE_FIELDS``) and
-        setting ``updated_at``. Returns the new task.
+        given, its attempt number equals it; and, when ``lease_expired_before`` is given, it is not ``running``
+        under a lease that lasts until that time or later), applying ``changes`` (fields in
+        ``models.MUTABLE_FIELDS``) and setting ``updated_at``. Returns the new task.
 
         Raises ValueError if ``expected -> to`` is not in ``models.TRANSITIONS``, TaskNotFound, TaskConflict
         (with ``current`` set to the task as it is) when the condition does not hold, BackendError."""

@@ -8,7 +8,8 @@ Numbers: DynamoDB has one number type with 38 digits of precision, and boto3 ref
 as ``Decimal(repr(x))`` (the shortest string that reads back as the same float) and numbers come out as ``int``
 when integral, else ``float``. Real DynamoDB normalises ``7.0`` to ``7``, so an integral float in a payload comes
 back as an equal ``int`` (``7 == 7.0``); deciding by value, not by the stored text, makes moto and AWS agree.
-The timestamp fields of a Task are always returned as floats and ``attempts`` as an int.
+The timestamp fields of a Task are always returned as floats and ``attempts`` as an int; inside ``history``
+records, as in payloads, an integral float comes back as an equal int.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import decimal
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from decimal import Decimal
 from typing import Any
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 
 from sdasync.errors import RequestError
-from sdasync.models import Api, Task, TaskError, TaskStatus
+from sdasync.models import Api, Task, TaskError, TaskStatus, history_records
 
 #: The table's partition key, as the original README created it (``sd_tasks``, ``taskId`` string).
 KEY = "taskId"
@@ -43,7 +44,8 @@ EXPIRES_AT = "expiresAt"
 #: Task field -> item attribute, for every field a transition may change.
 CHANGE_ATTRS: Mapping[str, str] = {
     "attempts": "attempts", "started_at": "startedAt", "finished_at": "finishedAt", "images": "images",
-    "info": "info", "error": "error", "progress": "progress", "worker": "worker",
+    "info": "info", "error": "error", "progress": "progress", "worker": "worker", "lease_until": "leaseUntil",
+    "history": "history",
 }
 
 _LIST_KEY_FORMAT = re.compile(r"\d{13}\.\d{6}#.+", re.DOTALL)
@@ -135,10 +137,12 @@ def encode_change(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("attempts must be an integer")
         return value
-    if name in {"started_at", "finished_at"}:
+    if name in {"started_at", "finished_at", "lease_until"}:
         return None if value is None else float(value)
     if name == "worker":
         return None if value is None else str(value)
+    if name == "history":
+        return history_records(value)  # a list of maps; an empty one stays, like images
     raise ValueError(f"not a mutable task field: {name!r}")  # pragma: no cover - callers check MUTABLE_FIELDS
 
 
@@ -190,7 +194,55 @@ def item_to_task(item: Mapping[str, Any]) -> Task:
         progress=plain.get("progress"),
         worker=plain.get("worker"),
         extra=plain.get("extra") or {},
+        lease_until=number("leaseUntil"),
+        # Absent on items written before histories existed.
+        history=tuple(plain.get("history", ())),
     )
+
+
+def update_expression(sets: Mapping[str, Any], removes: Collection[str]) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """An UpdateExpression that sets ``sets`` (attribute -> plain value) and removes ``removes``, with its attribute
+    names and typed values. Raises ValueError for a value DynamoDB cannot hold."""
+    # Placeholders for every name: "status" is a reserved word, and so may be any future attribute.
+    names = {f"#s{n}": attr for n, attr in enumerate(sets)}
+    values = {f":s{n}": serialize(value) for n, value in enumerate(sets.values())}
+    update = "SET " + ", ".join(f"#s{n} = :s{n}" for n in range(len(sets)))
+    if removes:
+        names.update({f"#r{n}": attr for n, attr in enumerate(removes)})
+        update += " REMOVE " + ", ".join(f"#r{n}" for n in range(len(removes)))
+    return update, names, values
+
+
+def transition_condition(statuses: Collection[str], attempt: int | None, lease_expired_before: float | None
+                         ) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """The ConditionExpression of a transition (the item exists, its status is one of ``statuses``, and the
+    optional attempt and lease conditions hold), with its attribute names and typed values. Its placeholders
+    (``#key``, ``#status``, ``:e0``...) never clash with ``update_expression``'s."""
+    names = {"#key": KEY, "#status": "status"}
+    values: dict[str, Any] = {f":e{n}": {"S": s} for n, s in enumerate(statuses)}
+    condition = f"attribute_exists(#key) AND #status IN ({', '.join(values)})"
+    if attempt is not None:
+        names["#attempts"] = "attempts"
+        values[":attempt"] = {"N": str(int(attempt))}
+        condition += " AND #attempts = :attempt"
+    if lease_expired_before is not None:
+        # One condition with the status: the claim and the holder's heartbeat (conditional on its attempt) are
+        # ordered by DynamoDB, so the claim sees the extended lease or the heartbeat finds its attempt superseded.
+        # An unset lease is an absent attribute (transition REMOVEs None), hence attribute_not_exists.
+        names["#lease"] = CHANGE_ATTRS["lease_until"]
+        values[":running"] = {"S": str(TaskStatus.RUNNING)}
+        values[":leaseEnd"] = serialize(float(lease_expired_before))
+        condition += " AND (#status <> :running OR attribute_not_exists(#lease) OR #lease < :leaseEnd)"
+    return condition, names, values
+
+
+def conflict_message(current: Task, statuses: Collection[str], attempt: int | None,
+                     lease_expired_before: float | None) -> str:
+    wanted = f"status in {sorted(statuses)}" + ("" if attempt is None else f" and attempt {attempt}")
+    if lease_expired_before is not None:
+        wanted += f" and no running lease at or after {lease_expired_before}"
+    lease = "" if current.lease_until is None else f", leased until {current.lease_until}"
+    return f"task {current.task_id} is {current.status} (attempt {current.attempts}{lease}), expected {wanted}"
 
 
 def encode_cursor(sort_key: str, task_id: str, status: str | None) -> str:

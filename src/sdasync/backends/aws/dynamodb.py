@@ -10,8 +10,10 @@ Items are plain attributes under the partition key ``taskId`` (string), the key 
 hand, so such a table works for create / get / transition as it is: ``api``, ``status``, ``payload`` (a map),
 ``createdAt`` / ``updatedAt`` / ``startedAt`` / ``finishedAt`` (epoch seconds), ``attempts``, ``images`` (a list of
 blob keys), ``info`` / ``progress`` / ``extra`` (maps), ``error`` (a map ``{code, message}``), ``worker``,
-``expiresAt`` (the TTL: creation + retention, restarted when the task reaches a terminal state, so a finished
-task stays readable for the whole retention), and the index keys below. Optional fields that are unset are absent.
+``leaseUntil`` (epoch seconds), ``history`` (a list of maps, one per finished attempt), ``expiresAt`` (the TTL:
+creation + retention, restarted when the task reaches a terminal state, so a finished task stays readable for the
+whole retention, and when an operator's redrive takes it out of one), and the index keys below. Optional fields
+that are unset are absent.
 See ``dynamo_items`` for the conversion (numbers come back as int or float, never Decimal).
 
 Listing uses two global secondary indexes, both with projection ALL (a page is one Query, no GetItem per task):
@@ -57,13 +59,15 @@ from sdasync.backends.aws.dynamo_items import (
     LIST_ALL_ATTR,
     LIST_ALL_VALUE,
     LIST_KEY,
+    conflict_message,
     decode_cursor,
     encode_change,
     encode_cursor,
     expires_at,
     item_to_task,
-    serialize,
     task_to_item,
+    transition_condition,
+    update_expression,
 )
 from sdasync.backends.base import TaskPage, check_transition
 from sdasync.backends.urls import query_params
@@ -143,7 +147,8 @@ class DynamoTaskStore:
         return item_to_task(response["Item"])
 
     def transition(self, task_id: str, *, expected: Collection[TaskStatus], to: TaskStatus,
-                   attempt: int | None = None, changes: Mapping[str, Any] | None = None) -> Task:
+                   attempt: int | None = None, changes: Mapping[str, Any] | None = None,
+                   lease_expired_before: float | None = None) -> Task:
         check_transition(expected, to)
         changes = dict(changes or {})
         unknown = set(changes) - MUTABLE_FIELDS
@@ -159,25 +164,15 @@ class DynamoTaskStore:
                 removes.append(CHANGE_ATTRS[field])
             else:
                 sets[CHANGE_ATTRS[field]] = encoded
-        if TaskStatus(to).is_terminal:
-            sets[EXPIRES_AT] = expires_at(now, self.retention_s)  # retention counts from the end
-
-        # Placeholders for every name: "status" is a reserved word, and so may be any future attribute.
-        names = {"#key": KEY, "#status": "status"}
-        names.update({f"#s{n}": attr for n, attr in enumerate(sets)})
+        if TaskStatus(to).is_terminal or any(TaskStatus(s).is_terminal for s in expected):
+            # Retention counts from the end; a redrive restarts it too, lest an old failure expire mid-run.
+            sets[EXPIRES_AT] = expires_at(now, self.retention_s)
         with _refused():
-            values = {f":s{n}": serialize(value) for n, value in enumerate(sets.values())}
-        update = "SET " + ", ".join(f"#s{n} = :s{n}" for n in range(len(sets)))
-        if removes:
-            names.update({f"#r{n}": attr for n, attr in enumerate(removes)})
-            update += " REMOVE " + ", ".join(f"#r{n}" for n in range(len(removes)))
+            update, names, values = update_expression(sets, removes)
         statuses = sorted({str(TaskStatus(s)) for s in expected})
-        values.update({f":e{n}": {"S": s} for n, s in enumerate(statuses)})
-        condition = f"attribute_exists(#key) AND #status IN ({', '.join(f':e{n}' for n in range(len(statuses)))})"
-        if attempt is not None:
-            names["#attempts"] = "attempts"
-            values[":attempt"] = {"N": str(int(attempt))}
-            condition += " AND #attempts = :attempt"
+        condition, condition_names, condition_values = transition_condition(statuses, attempt, lease_expired_before)
+        names.update(condition_names)
+        values.update(condition_values)
 
         old: Mapping[str, Any] | None = None
         with self._call(f"transition task {task_id}"):
@@ -198,9 +193,7 @@ class DynamoTaskStore:
         if not old:
             raise TaskNotFound(f"task {task_id} not found")
         current = item_to_task(old)
-        wanted = f"status in {statuses}" + ("" if attempt is None else f" and attempt {attempt}")
-        raise TaskConflict(f"task {task_id} is {current.status} (attempt {current.attempts}), expected {wanted}",
-                           current=current)
+        raise TaskConflict(conflict_message(current, statuses, attempt, lease_expired_before), current=current)
 
     def list(self, *, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None) -> TaskPage:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:

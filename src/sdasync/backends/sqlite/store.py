@@ -3,9 +3,12 @@
 URL: ``sqlite:///path/to.db`` (three slashes: relative to the working directory; four: absolute). No query
 parameters.
 
-Every state change is one ``UPDATE ... WHERE task_id = ? AND status IN (...) [AND attempts = ?]`` checked by its
-row count, inside a ``BEGIN IMMEDIATE`` transaction that also reads the row back, so the caller gets either the
-task it wrote or, on a lost compare-and-set, the task as it is now.
+Every state change is one ``UPDATE ... WHERE task_id = ? AND status IN (...) [AND attempts = ?] [AND <lease
+passed>]`` checked by its row count, inside a ``BEGIN IMMEDIATE`` transaction that also reads the row back, so the
+caller gets either the task it wrote or, on a lost compare-and-set, the task as it is now.
+
+A file made by an older version (without ``lease_until`` and ``history``) is upgraded in place on first use:
+``ADDED_COLUMNS`` are added by ``ALTER TABLE``, which leaves old rows with a NULL lease and an empty history.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import binascii
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
@@ -23,7 +27,7 @@ from sdasync.backends.base import TaskPage, check_transition
 from sdasync.backends.sqlite.db import SqliteDatabase
 from sdasync.backends.urls import path_from_url, query_params
 from sdasync.errors import RequestError, TaskConflict, TaskNotFound
-from sdasync.models import MUTABLE_FIELDS, Api, Task, TaskError, TaskStatus
+from sdasync.models import MUTABLE_FIELDS, Api, Task, TaskError, TaskStatus, history_records
 
 SCHEMA = (
     """
@@ -42,7 +46,9 @@ SCHEMA = (
         error TEXT,                  -- JSON {"code", "message"} or NULL
         progress TEXT,               -- JSON object or NULL
         worker TEXT,
-        extra TEXT NOT NULL          -- JSON object
+        extra TEXT NOT NULL,         -- JSON object
+        lease_until REAL,
+        history TEXT NOT NULL DEFAULT '[]'  -- JSON list of attempt records
     )
     """,
     # list() walks one of these in order and stops after a page: no sort, whatever the table's size.
@@ -51,7 +57,10 @@ SCHEMA = (
 )
 
 COLUMNS = ("task_id", "api", "payload", "status", "created_at", "updated_at", "started_at", "finished_at",
-           "attempts", "images", "info", "error", "progress", "worker", "extra")
+           "attempts", "images", "info", "error", "progress", "worker", "extra", "lease_until", "history")
+#: Columns later versions added, with their definitions for ``ALTER TABLE ... ADD COLUMN`` (the same as in
+#: SCHEMA: ADD COLUMN allows NOT NULL only with a default, which then fills the old rows).
+ADDED_COLUMNS: Mapping[str, str] = {"lease_until": "REAL", "history": "TEXT NOT NULL DEFAULT '[]'"}
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM tasks"
 MAX_LIMIT = 1000
 
@@ -66,6 +75,7 @@ class SqliteTaskStore:
         self._clock = clock
         # Connections open on first use, so building the object (and from_url) touches no disk.
         self._db = SqliteDatabase(path, schema=SCHEMA, busy_timeout_s=busy_timeout_s)
+        self._upgraded = False
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Self:
@@ -79,7 +89,7 @@ class SqliteTaskStore:
 
     def create(self, task: Task) -> None:
         row = _encode_task(task)
-        with self._db.write() as conn:
+        with self._write() as conn:
             inserted = conn.execute(
                 f"INSERT INTO tasks ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
                 " ON CONFLICT (task_id) DO NOTHING",
@@ -90,14 +100,15 @@ class SqliteTaskStore:
             raise TaskConflict(f"task {task.task_id} already exists", current=current)
 
     def get(self, task_id: str) -> Task:
-        with self._db.read() as conn:
+        with self._read() as conn:
             task = _fetch(conn, task_id)
         if task is None:
             raise TaskNotFound(f"task {task_id} not found")
         return task
 
     def transition(self, task_id: str, *, expected: Collection[TaskStatus], to: TaskStatus,
-                   attempt: int | None = None, changes: Mapping[str, Any] | None = None) -> Task:
+                   attempt: int | None = None, changes: Mapping[str, Any] | None = None,
+                   lease_expired_before: float | None = None) -> Task:
         check_transition(expected, to)
         changes = dict(changes or {})
         unknown = set(changes) - MUTABLE_FIELDS
@@ -112,17 +123,20 @@ class SqliteTaskStore:
         if attempt is not None:
             sql += " AND attempts = ?"
             params.append(attempt)
-        with self._db.write() as conn:
+        if lease_expired_before is not None:
+            # In the WHERE, not in a read before the UPDATE: a claim and the holder's heartbeat (conditional on its
+            # attempt) are then ordered, so either the claim sees the extended lease or the heartbeat finds its
+            # attempt superseded; both going ahead, two workers on one task, cannot happen.
+            sql += " AND (status != ? OR lease_until IS NULL OR lease_until < ?)"
+            params.extend((str(TaskStatus.RUNNING), float(lease_expired_before)))
+        with self._write() as conn:
             updated = conn.execute(sql, params).rowcount
             # Read back in the same transaction: on success the row we wrote, on failure the row that beat us.
             task = _fetch(conn, task_id)
         if task is None:
             raise TaskNotFound(f"task {task_id} not found")
         if not updated:
-            wanted = f"status in {statuses}" + ("" if attempt is None else f" and attempt {attempt}")
-            raise TaskConflict(
-                f"task {task_id} is {task.status} (attempt {task.attempts}), expected {wanted}", current=task
-            )
+            raise TaskConflict(_conflict_message(task, statuses, attempt, lease_expired_before), current=task)
         return task
 
     def list(self, *, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None) -> TaskPage:
@@ -143,7 +157,7 @@ class SqliteTaskStore:
         sql = _SELECT + (f" WHERE {' AND '.join(where)}" if where else "")
         sql += " ORDER BY created_at DESC, task_id DESC LIMIT ?"
         params.append(limit + 1)  # one more than asked tells whether a next page exists
-        with self._db.read() as conn:
+        with self._read() as conn:
             rows = conn.execute(sql, params).fetchall()
         tasks = [_decode_task(row) for row in rows[:limit]]
         next_cursor = None
@@ -155,11 +169,55 @@ class SqliteTaskStore:
     def close(self) -> None:
         self._db.close()
 
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        self._upgrade()
+        with self._db.read() as conn:
+            yield conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self._upgrade()
+        with self._db.write() as conn:
+            yield conn
+
+    def _upgrade(self) -> None:
+        """Add the columns a file from an older version lacks, once per store. Raises BackendError."""
+        if self._upgraded:
+            return
+        with self._db.read() as conn:
+            missing = set(ADDED_COLUMNS) - _columns(conn)
+        if missing:
+            # Checked again under the write lock: another process (all take it with BEGIN IMMEDIATE) may have
+            # added them meanwhile. "duplicate column name" is tolerated all the same, in case one did not.
+            with self._db.write() as conn:
+                for name in sorted(set(ADDED_COLUMNS) - _columns(conn)):
+                    try:
+                        conn.execute(f"ALTER TABLE tasks ADD COLUMN {name} {ADDED_COLUMNS[name]}")
+                    except sqlite3.OperationalError as exc:
+                        if "duplicate column name" not in str(exc):
+                            raise
+        # Racing threads may each check once more: harmless, and it spares a lock on the hot path.
+        self._upgraded = True
+
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+
+
+def _conflict_message(task: Task, statuses: list[str], attempt: int | None, lease_expired_before: float | None
+                      ) -> str:
+    wanted = f"status in {statuses}" + ("" if attempt is None else f" and attempt {attempt}")
+    if lease_expired_before is not None:
+        wanted += f" and no running lease at or after {lease_expired_before}"
+    lease = "" if task.lease_until is None else f", leased until {task.lease_until}"
+    return f"task {task.task_id} is {task.status} (attempt {task.attempts}{lease}), expected {wanted}"
 
 
 def _fetch(conn: sqlite3.Connection, task_id: str) -> Task | None:
@@ -193,10 +251,12 @@ def _encode_field(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("attempts must be an integer")
         return value
-    if name in {"started_at", "finished_at"}:
+    if name in {"started_at", "finished_at", "lease_until"}:
         return None if value is None else float(value)
     if name == "worker":
         return None if value is None else str(value)
+    if name == "history":
+        return _json(history_records(value))
     raise ValueError(f"not a mutable task field: {name!r}")  # pragma: no cover - callers check MUTABLE_FIELDS
 
 
@@ -205,13 +265,14 @@ def _encode_task(task: Task) -> tuple[Any, ...]:
         task.task_id, str(Api(task.api)), _json(task.payload), str(TaskStatus(task.status)), task.created_at,
         task.updated_at, task.started_at, task.finished_at, task.attempts, _encode_field("images", task.images),
         _encode_field("info", task.info), _encode_field("error", task.error),
-        _encode_field("progress", task.progress), task.worker, _json(task.extra),
+        _encode_field("progress", task.progress), task.worker, _json(task.extra), task.lease_until,
+        _encode_field("history", task.history),
     )
 
 
 def _decode_task(row: tuple[Any, ...]) -> Task:
     (task_id, api, payload, status, created_at, updated_at, started_at, finished_at, attempts, images, info, error,
-     progress, worker, extra) = row
+     progress, worker, extra, lease_until, history) = row
     return Task(
         task_id=task_id,
         api=Api(api),
@@ -228,6 +289,8 @@ def _decode_task(row: tuple[Any, ...]) -> Task:
         progress=None if progress is None else json.loads(progress),
         worker=worker,
         extra=json.loads(extra),
+        lease_until=lease_until,
+        history=tuple(json.loads(history)),
     )
 
 
