@@ -17,7 +17,7 @@ from typing import Any
 
 from sdasync import __version__
 from sdasync.config import ENV_PREFIX, Limits, Settings, settings_from
-from sdasync.errors import ConfigError, SdasyncError
+from sdasync.errors import SdasyncError
 
 log = logging.getLogger("sdasync")
 
@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(worker, "--burst", help="exit when the queue is empty")
     _opt(worker, "--max-tasks", type=int, help="exit after this many tasks")
     _opt(worker, "--max-idle", type=float, help="exit after this many seconds without a task")
+    _opt(worker, "--drain-timeout", type=float, default=90.0, help="after SIGTERM, seconds the current task may "
+         "still run before it is handed back (default 90)")
+    _opt(worker, "--generation-timeout", type=float, help="seconds a generation may take before it is "
+         "interrupted and retried (default: derived from steps, size and images)")
+    _flag(worker, "--watch-spot", help="poll EC2 instance metadata (IMDSv2, SDASYNC_IMDS_URL) for spot "
+          "interruption and rebalance notices, and drain on one")
     worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by serve's supervisor
 
     submit = sub.add_parser("submit", help="submit a txt2img request to a running API")
@@ -125,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--store", help=f"dynamodb://<table> [{_env('store')}]", default=os.environ.get(_env("store")))
     boot.add_argument("--blobs", help=f"s3://<bucket>/<prefix> [{_env('blobs')}]",
                       default=os.environ.get(_env("blobs")))
+
+    dlq = sub.add_parser("dlq", help="dead-lettered tasks").add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq.add_parser("list", help="tasks whose messages are in the dead-letter queue")
+    _backend_options(dlq_list, engine=False)
+    dlq_redrive = dlq.add_parser("redrive", help="run dead-lettered tasks again (all, or those named)")
+    dlq_redrive.add_argument("task_ids", nargs="*", metavar="TASK_ID")
+    _backend_options(dlq_redrive, engine=False)
 
     cancel = sub.add_parser("cancel", help="cancel a queued or running task")
     cancel.add_argument("task_id")
@@ -198,45 +211,9 @@ def cmd_api(args: argparse.Namespace, *, workers: int = 0) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from sdasync.backends.registry import open_backend
-    from sdasync.service import open_backends
-    from sdasync.worker.loop import Worker, WorkerConfig
+    from sdasync.worker.command import run_worker
 
-    settings = _settings(args)
-    config = WorkerConfig(visibility_timeout_s=settings.visibility_timeout, max_attempts=settings.max_attempts)
-    with open_backends(settings) as backends, \
-            open_backend("engine", settings.engine, models_dir=settings.models_dir) as engine:
-        if backends.queue.max_receives <= settings.max_attempts:
-            raise ConfigError(f"the queue dead-letters a message after {backends.queue.max_receives} receives, "
-                              f"which leaves no room for --max-attempts {settings.max_attempts}; raise the "
-                              f"queue's max_receives above it")
-        worker = Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, engine=engine,
-                        config=config)
-        _install_stop_handlers(worker.request_stop)
-        if args.parent_pid:
-            from sdasync.supervisor import watch_parent
-
-            watch_parent(args.parent_pid, worker.request_stop)
-        worker.run(burst=args.burst, max_tasks=args.max_tasks, max_idle_s=args.max_idle)
-    return worker.exit_code
-
-
-def _install_stop_handlers(request_stop: Callable[[], None]) -> None:
-    """First SIGTERM/SIGINT: finish the current task, then exit 0. A second: exit now; the task's message
-    reappears after its visibility timeout and another worker takes it."""
-    received = 0
-
-    def handler(signum: int, _: FrameType | None) -> None:
-        nonlocal received
-        received += 1
-        if received > 1:
-            log.warning("second signal: exiting without finishing the current task")
-            os._exit(128 + signum)
-        log.info("signal %d: finishing the current task, then exiting", signum)
-        request_stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    return run_worker(args, _settings(args))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -274,6 +251,18 @@ def cmd_aws(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from sdasync import dlq
+    from sdasync.service import open_backends
+
+    with open_backends(_settings(args)) as backends:
+        if args.dlq_command == "list":
+            _print(dlq.list_dead(backends))
+        else:
+            _print(dlq.redrive(backends, args.task_ids or None))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from sdasync.client import Client
 
@@ -300,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "serve": lambda a: cmd_api(a, workers=a.workers), "api": cmd_api, "worker": cmd_worker,
         "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "aws": cmd_aws,
+        "dlq": cmd_dlq,
     }
     try:
         return commands[args.command](args)

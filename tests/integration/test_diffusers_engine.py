@@ -8,6 +8,7 @@ import io
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from sdasync.backends.registry import resolve
 from sdasync.engines import tiny
 from sdasync.engines.base import Engine, GenerationRequest, Progress
 from sdasync.engines.diffusers import DiffusersEngine
-from sdasync.errors import ConfigError, EngineRejected, GenerationCancelled
+from sdasync.errors import ConfigError, EngineRejected, EngineTimeout, GenerationCancelled
 from sdasync.models import Api
 
 
@@ -291,3 +292,21 @@ def test_cancel_stops_the_pipeline_and_the_engine_still_works(engine: DiffusersE
         engine.generate(req)
     assert len(seen) == 2
     assert png_sizes(run(engine).images) == [(64, 64)]
+
+
+def test_deadline_stops_the_pipeline_at_a_step_and_the_engine_still_works(engine: DiffusersEngine) -> None:
+    seen: list[Progress] = []
+    # The most steps the payload allows: several seconds at about 5 ms a step at 64x64 here, far past the deadline.
+    req = GenerationRequest("t", Api.TXT2IMG, {**SMALL, "steps": 1000}, seen.append, deadline_s=0.2)
+    start = time.monotonic()
+    with pytest.raises(EngineTimeout, match=r"deadline of 0.2 s at step \d+ of batch 1") as caught:
+        engine.generate(req)
+    assert time.monotonic() - start < 2.0
+    assert caught.value.retryable
+    assert 0 < len(seen) < 1000
+    assert png_sizes(run(engine).images) == [(64, 64)]
+
+
+def test_a_tiny_deadline_stops_before_the_first_batch(engine: DiffusersEngine) -> None:
+    with pytest.raises(EngineTimeout, match="before batch 1"):
+        engine.generate(GenerationRequest("t", Api.TXT2IMG, dict(SMALL), deadline_s=1e-9))

@@ -7,17 +7,25 @@ import io
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 
 from helpers import free_port, wait_until
 from sdasync.backends.registry import resolve
-from sdasync.engines.base import Engine, GenerationRequest
+from sdasync.engines.base import Engine, GenerationRequest, GenerationResult, Progress
 from sdasync.engines.webui import WebuiEngine
-from sdasync.errors import ConfigError, EngineError, EngineRejected, EngineTimeout, EngineUnavailable
+from sdasync.errors import (
+    ConfigError,
+    EngineError,
+    EngineRejected,
+    EngineTimeout,
+    EngineUnavailable,
+    GenerationCancelled,
+)
 from sdasync.models import Api
 from webui_server import WebuiTestServer, png_b64
 
@@ -244,5 +252,197 @@ def test_no_other_route_is_ever_called(server: WebuiTestServer, engine: WebuiEng
     engine.health()
     engine.generate(request(width=8, height=8))
     engine.generate(request(Api.IMG2IMG, init_images=[png_b64(1, 8, 8)], width=8, height=8))
-    allowed = {("GET", "/sdapi/v1/sd-models"), ("POST", "/sdapi/v1/txt2img"), ("POST", "/sdapi/v1/img2img")}
+    allowed = {
+        ("GET", "/sdapi/v1/sd-models"),
+        ("POST", "/sdapi/v1/txt2img"),
+        ("POST", "/sdapi/v1/img2img"),
+        ("POST", "/internal/progress"),  # per task and read-only; /sdapi/v1/interrupt only ever on a cancel
+    }
     assert {(r.method, r.path) for r in server.requests} <= allowed
+
+
+# --- per-task progress, cancel and deadline -----------------------------------------------------------------------
+
+
+class Background:
+    """Runs one call on a thread and keeps its outcome, so a test can act while the call blocks."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.ended_at: float | None = None
+        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[[], Any]) -> None:
+        try:
+            self.result = call()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.ended_at = time.monotonic()
+
+    def join(self, timeout: float = 10.0) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the call did not end"
+
+
+def direct_generation(server: WebuiTestServer, task_id: str, **payload: Any) -> Background:
+    """Somebody else's job, sent straight to the WebUI (the WebUI's own UI, another client)."""
+    body = {"prompt": "not ours", "width": 8, "height": 8, "force_task_id": task_id, **payload}
+
+    def post() -> Any:
+        with httpx.Client(trust_env=False, timeout=30) as client:
+            return client.post(f"http://127.0.0.1:{server.port}/sdapi/v1/txt2img", json=body).json()
+
+    return Background(post)
+
+
+def polls_for(server: WebuiTestServer, task_id: str) -> list[Any]:
+    return [r.body for r in list(server.requests) if r.path == "/internal/progress" and r.body["id_task"] == task_id]
+
+
+@pytest.fixture
+def fast_engine(server: WebuiTestServer) -> Iterator[WebuiEngine]:
+    """Polls progress every 0.1 s instead of 0.5 s, so progress tests need less generation time."""
+    with WebuiEngine(f"http://127.0.0.1:{server.port}", read_timeout=10, progress_interval=0.1) as eng:
+        yield eng
+
+
+def test_progress_is_polled_per_task_while_a_slow_generation_runs(
+    server: WebuiTestServer, fast_engine: WebuiEngine
+) -> None:
+    server.knobs.generation_s = 1.0
+    seen: list[Progress] = []
+    payload = {"width": 8, "height": 8, "steps": 10, "n_iter": 2}
+    result = fast_engine.generate(GenerationRequest("task-p", Api.TXT2IMG, payload, seen.append))
+    assert len(result.images) == 2
+    steps = [p.step for p in seen]
+    assert len(steps) >= 4, steps  # several values while it ran, not just the final one
+    assert steps == sorted(set(steps)), "steps only grow, each reported once"
+    assert {p.steps for p in seen} == {20}  # the fraction covers all n_iter batches
+    assert seen[-1] == Progress(20, 20, 0.0)
+    assert any(p.eta_s is not None and p.eta_s > 0 for p in seen[:-1])
+    assert polls_for(server, "task-p")[0] == {"id_task": "task-p", "live_preview": False}
+    assert server.interrupts == []
+
+
+def test_no_progress_polls_for_a_quick_generation(server: WebuiTestServer, engine: WebuiEngine) -> None:
+    seen: list[Progress] = []
+    engine.generate(GenerationRequest("task-q", Api.TXT2IMG, {"width": 8, "height": 8, "steps": 5}, seen.append))
+    assert seen == [Progress(5, 5, 0.0)]
+    assert polls_for(server, "task-q") == []
+
+
+@pytest.mark.parametrize("status", [500, 404])
+def test_failing_progress_polls_do_not_fail_the_generation(
+    server: WebuiTestServer, fast_engine: WebuiEngine, status: int
+) -> None:
+    server.knobs.generation_s = 0.5
+    server.knobs.progress_status = status  # 404: a WebUI build without /internal/progress
+    seen: list[Progress] = []
+    result = fast_engine.generate(GenerationRequest("task-f", Api.TXT2IMG, {"width": 8, "height": 8}, seen.append))
+    assert len(result.images) == 1
+    assert len(polls_for(server, "task-f")) >= 2
+    assert seen == [Progress(20, 20, 0.0)]
+
+
+def test_cancel_mid_generation_interrupts_our_job_within_2_s(server: WebuiTestServer, engine: WebuiEngine) -> None:
+    server.knobs.generation_s = 30
+    cancel = threading.Event()
+    seen: list[Progress] = []
+    req = GenerationRequest("task-c", Api.TXT2IMG, {"width": 8, "height": 8}, seen.append, cancel.is_set)
+    call = Background(lambda: engine.generate(req))
+    wait_until(lambda: seen, message="no progress reported")  # the job is running and polled
+    cancelled_at = time.monotonic()
+    cancel.set()
+    call.join()
+    assert isinstance(call.error, GenerationCancelled), call.error
+    assert call.ended_at is not None
+    assert call.ended_at - cancelled_at < 2.0
+    assert server.interrupts == ["task-c"]
+    assert server.interrupted == ["task-c"]
+    assert server.task_state("task-c") == "completed"
+
+
+def test_cancel_while_another_task_is_active_does_not_interrupt_it(
+    server: WebuiTestServer, engine: WebuiEngine
+) -> None:
+    server.knobs.generation_s = 1.5
+    other = direct_generation(server, "other", batch_size=2, n_iter=2)
+    wait_until(lambda: server.task_state("other") == "active")
+    cancel = threading.Event()
+    req = GenerationRequest("mine", Api.TXT2IMG, {"width": 8, "height": 8}, is_cancelled=cancel.is_set)
+    call = Background(lambda: engine.generate(req))
+    wait_until(lambda: server.task_state("mine") == "queued")
+    polled_before = len(polls_for(server, "mine"))
+    cancel.set()
+    # The engine asked about its own task after the cancel, was told "queued", and left the other job alone.
+    assert server.wait_state(lambda srv: len(polls_for(srv, "mine")) > polled_before)
+    assert server.task_state("other") == "active"
+    assert server.interrupts == []
+    # Once ours starts, it is ours to stop: interrupted at once, and the cancel is reported.
+    call.join()
+    other.join()
+    assert isinstance(call.error, GenerationCancelled), call.error
+    assert server.interrupts == ["mine"]
+    assert server.interrupted == ["mine"]
+    assert len(other.result["images"]) == 4  # the other job ran to the end
+
+
+def test_partial_images_of_an_interrupted_job_are_never_returned(
+    server: WebuiTestServer, fast_engine: WebuiEngine
+) -> None:
+    server.knobs.generation_s = 30
+    # The cancel turns True at the first progress report: the WebUI answers 200 with the batches started so far.
+    seen: list[Progress] = []
+    req = GenerationRequest("task-x", Api.TXT2IMG, {"width": 8, "height": 8, "n_iter": 3}, seen.append,
+                            lambda: bool(seen))
+    with pytest.raises(GenerationCancelled):
+        fast_engine.generate(req)
+    assert server.interrupted == ["task-x"]
+
+
+def test_cancel_before_sending_sends_nothing(server: WebuiTestServer, engine: WebuiEngine) -> None:
+    with pytest.raises(GenerationCancelled):
+        engine.generate(GenerationRequest("t", Api.TXT2IMG, {}, is_cancelled=lambda: True))
+    assert server.requests == []
+
+
+def test_deadline_interrupts_our_job_and_times_out(server: WebuiTestServer, engine: WebuiEngine) -> None:
+    server.knobs.generation_s = 30
+    start = time.monotonic()
+    with pytest.raises(EngineTimeout, match=r"deadline of 0\.5 s") as caught:
+        engine.generate(GenerationRequest("task-d", Api.TXT2IMG, {"width": 8, "height": 8}, deadline_s=0.5))
+    assert 0.5 <= time.monotonic() - start < 1.5
+    assert caught.value.retryable
+    # The job was ours and active: stopped, so it does not hold the GPU for the rest of its 30 s.
+    assert server.wait_state(lambda srv: srv.interrupted == ["task-d"])
+    assert server.interrupts == ["task-d"]
+
+
+def test_deadline_while_queued_stops_our_job_once_it_starts(server: WebuiTestServer, engine: WebuiEngine) -> None:
+    server.knobs.generation_s = 1.0
+    other = direct_generation(server, "other")
+    wait_until(lambda: server.task_state("other") == "active")
+    with pytest.raises(EngineTimeout):
+        engine.generate(GenerationRequest("late", Api.TXT2IMG, {"width": 8, "height": 8}, deadline_s=0.3))
+    assert server.task_state("late") == "queued"
+    assert server.interrupts == []
+    other.join()
+    assert len(other.result["images"]) == 1
+    # Abandoned but still queued in the WebUI: interrupted as soon as it became active, never the other job.
+    assert server.wait_state(lambda srv: srv.interrupted == ["late"])
+    assert server.interrupts == ["late"]
+
+
+def test_a_spent_deadline_sends_nothing(server: WebuiTestServer, engine: WebuiEngine) -> None:
+    with pytest.raises(EngineTimeout, match="before the request was sent"):
+        engine.generate(GenerationRequest("t", Api.TXT2IMG, {}, deadline_s=0))
+    assert server.requests == []
+
+
+def test_a_generous_deadline_changes_nothing(server: WebuiTestServer, engine: WebuiEngine) -> None:
+    result: GenerationResult = engine.generate(GenerationRequest("t", Api.TXT2IMG, {"width": 8}, deadline_s=60))
+    assert len(result.images) == 1
+    assert server.interrupts == []

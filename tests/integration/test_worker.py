@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,14 +203,29 @@ def test_crashed_attempt_is_taken_over_and_the_old_worker_fenced(backends: Backe
 
 def test_crash_loop_ends_failed(backends: Backends, service: TaskService) -> None:
     task = service.submit(BODY)
+    lost = [{"attempt": n, "worker": "w", "startedAt": 1.0, "endedAt": 2.0, "outcome": "lost", "error": None}
+            for n in (1, 2)]
+    # Attempt 3 is running under a lease that has run out: its worker died like the two before it.
     backends.store.transition(task.task_id, expected={TaskStatus.QUEUED}, to=TaskStatus.RUNNING, attempt=0,
-                              changes={"attempts": 3})
+                              changes={"attempts": 3, "history": tuple(lost), "lease_until": 1.0})
     engine = ScriptedEngine()
     drain(make_worker(backends, engine))
     done = service.get(task.task_id)
     assert engine.calls == 0
     assert done.status is TaskStatus.FAILED
     assert done.error is not None and done.error.code == "attempts_exhausted"
+    assert [h["outcome"] for h in done.history] == ["lost", "lost", "lost"]
+
+
+def test_a_live_lease_is_not_taken_over(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    backends.store.transition(task.task_id, expected={TaskStatus.QUEUED}, to=TaskStatus.RUNNING, attempt=0,
+                              changes={"attempts": 1, "lease_until": time.time() + 60})
+    engine = ScriptedEngine()
+    worker = make_worker(backends, engine)
+    assert worker.handle(backends.queue.receive()[0]) == "contended"
+    assert engine.calls == 0
+    assert service.get(task.task_id).attempts == 1
 
 
 def test_stop_request_finishes_the_current_task(backends: Backends, service: TaskService) -> None:
@@ -304,7 +320,7 @@ def test_a_broken_engine_hands_the_task_back_and_stops(backends: Backends, servi
 
     class Broken(ScriptedEngine):
         def health(self) -> dict[str, Any]:
-            return {"ok": self.calls == 0, "detail": "CUDA context lost"}
+            return {"ok": self.calls == 0, "restart": True, "detail": "CUDA context lost"}
 
     worker = make_worker(backends, Broken(failures=[EngineUnavailable("CUDA error: an illegal memory access")]))
     worker.run(max_idle_s=0.3)
@@ -333,3 +349,39 @@ def test_a_worker_refuses_attempts_the_queue_cannot_hold(tmp_path: Path, capsys:
                  "fake://", "--burst"])
     assert code == 2
     assert "max_receives" in capsys.readouterr().err
+
+
+def test_an_engine_that_is_down_costs_no_attempts(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    probes = {"n": 0}
+
+    class Flaky(ScriptedEngine):
+        def health(self) -> dict[str, Any]:
+            probes["n"] += 1
+            return {"ok": probes["n"] > 3}  # down for the first probes, then back
+
+    engine = Flaky(failures=[EngineUnavailable("connection refused")])
+    worker = make_worker(backends, engine, engine_probe_s=0.01)
+    worker.run(max_idle_s=0.5)
+    done = service.get(task.task_id)
+    assert done.status is TaskStatus.SUCCEEDED
+    assert [h["outcome"] for h in done.history] == ["released", "succeeded"]
+    assert not worker.engine_down.is_set()
+
+
+def test_drain_hands_a_long_task_back(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    worker = make_worker(backends, ScriptedEngine(), drain_timeout_s=0.05)
+    started = threading.Event()
+
+    def step(n: int) -> None:
+        started.set()
+        time.sleep(0.1)  # a slow step: the drain timeout runs out mid-generation
+
+    worker.engine = ScriptedEngine(on_step=step)
+    threading.Thread(target=lambda: (started.wait(5), worker.request_stop()), daemon=True).start()
+    worker.run()
+    released = service.get(task.task_id)
+    assert released.status is TaskStatus.QUEUED
+    assert released.history[-1]["outcome"] == "released"
+    assert backends.queue.depth().visible == 1  # handed back at once, not after the visibility timeout

@@ -16,7 +16,7 @@ from helpers import wait_until
 from sdasync.backends.registry import resolve
 from sdasync.engines.base import Engine, GenerationRequest, Progress
 from sdasync.engines.fake import FakeEngine
-from sdasync.errors import ConfigError, EngineRejected, EngineUnavailable, GenerationCancelled
+from sdasync.errors import ConfigError, EngineRejected, EngineTimeout, EngineUnavailable, GenerationCancelled
 from sdasync.models import Api
 
 
@@ -165,3 +165,21 @@ def test_close_wakes_a_long_generation() -> None:
     assert not thread.is_alive()
     assert len(errors) == 1
     assert isinstance(errors[0], EngineUnavailable)
+
+
+def test_deadline_stops_a_long_generation_quickly() -> None:
+    seen: list[Progress] = []
+    req = GenerationRequest("t", Api.TXT2IMG, {"steps": 4, "width": 8, "height": 8}, seen.append, deadline_s=0.5)
+    start = time.monotonic()
+    with pytest.raises(EngineTimeout, match=r"deadline of 0\.5 s") as caught:
+        FakeEngine(seconds=5).generate(req)
+    # Cut short inside a 1.25 s step, not at the step's end.
+    assert 0.5 <= time.monotonic() - start < 1.0
+    assert caught.value.retryable
+    assert seen == []
+
+
+def test_a_deadline_longer_than_the_work_changes_nothing() -> None:
+    req = GenerationRequest("t", Api.TXT2IMG, {"steps": 2, "width": 8, "height": 8, "seed": 1}, deadline_s=5)
+    assert FakeEngine(seconds=0.05).generate(req).images == FakeEngine().generate(request(
+        steps=2, width=8, height=8, seed=1)).images

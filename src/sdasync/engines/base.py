@@ -27,10 +27,13 @@ class GenerationRequest:
     api: Api
     #: WebUI fields, already validated and with defaults filled in by the service.
     payload: dict[str, Any]
-    #: Called from the generating thread, possibly often; must be cheap.
+    #: Called from the generating thread or an engine's polling thread, possibly often; must be cheap.
     on_progress: Callable[[Progress], None] | None = None
     #: Polled by the engine between steps; True stops the generation with GenerationCancelled.
     is_cancelled: Callable[[], bool] | None = None
+    #: Seconds from the start of ``generate`` after which the engine stops and raises EngineTimeout (retryable);
+    #: None means no deadline beyond the engine's own timeouts. ``engines.deadline.default_deadline_s`` derives one.
+    deadline_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ tuning knobs (s_churn, s_tmin, s_tmax, s_noise; eta except for DDIM) are ignored
 Errors: out of GPU memory -> EngineUnavailable (retryable: the cache is emptied, and another attempt, possibly on
 another worker, may fit; the worker's attempt limit bounds the retries); other CUDA/MPS runtime errors ->
 EngineUnavailable and ``health()`` turns not ok, since the device context is usually unusable until the process
-restarts; invalid inputs -> EngineRejected; anything else -> EngineError.
+restarts; invalid inputs -> EngineRejected; anything else -> EngineError. A request's ``deadline_s`` (counted from
+the call, waiting for the engine's lock included) is checked before each batch and after each step: past it,
+EngineTimeout (retryable).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from PIL import Image, UnidentifiedImageError
 from sdasync.backends.urls import path_from_url, query_params
 from sdasync.engines import tiny
 from sdasync.engines.base import GenerationRequest, GenerationResult, Progress
+from sdasync.engines.deadline import Deadline
 from sdasync.engines.infotext import GenerationParams, build_info, encode_png, infotext
 from sdasync.engines.samplers import SCHEDULES, SIGMA_FLAGS, check_unsupported, scheduler_choice
 from sdasync.errors import ConfigError, EngineError, EngineRejected, EngineUnavailable, GenerationCancelled
@@ -208,6 +211,8 @@ class DiffusersEngine:
         }
         if self._broken is not None:
             health["detail"] = self._broken
+            # The device context does not come back in this process: the worker exits to be restarted.
+            health["restart"] = True
         return health
 
     def close(self) -> None:
@@ -217,6 +222,8 @@ class DiffusersEngine:
                 self._empty_cache()
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
+        # Started before the lock: time spent waiting for another generation in this process counts too.
+        deadline = Deadline(request.deadline_s, task_id=request.task_id)
         payload = request.payload
         params = GenerationParams.from_payload(request.api, payload)
         check_unsupported(payload)
@@ -240,8 +247,8 @@ class DiffusersEngine:
             pipe = self._img2img if init_image is not None else self._txt2img
             pipe.scheduler = self._scheduler(class_name, extra, schedule)
             try:
-                images = self._run(pipe, request, params, init_image)
-            except EngineError:  # GenerationCancelled included
+                images = self._run(pipe, request, params, init_image, deadline)
+            except EngineError:  # GenerationCancelled and EngineTimeout included
                 raise
             except Exception as exc:
                 raise self._translate(exc) from exc
@@ -264,7 +271,9 @@ class DiffusersEngine:
             reason = " ".join(str(exc).split())
             raise EngineRejected(f"{class_name} is unavailable on this worker: {reason}", field="sampler_name") from exc
 
-    def _run(self, pipe: Any, request: GenerationRequest, params: GenerationParams, init_image: Any) -> list[Any]:
+    def _run(
+        self, pipe: Any, request: GenerationRequest, params: GenerationParams, init_image: Any, deadline: Deadline
+    ) -> list[Any]:
         import torch
 
         images: list[Any] = []
@@ -272,6 +281,7 @@ class DiffusersEngine:
         for iteration in range(params.n_iter):
             if request.is_cancelled is not None and request.is_cancelled():
                 raise GenerationCancelled(f"task {request.task_id} cancelled before batch {iteration + 1}")
+            deadline.check(f"before batch {iteration + 1}")
             seeds = params.all_seeds[iteration * params.batch_size : (iteration + 1) * params.batch_size]
             # One CPU generator per image: image i's noise depends only on its own seed, on any device.
             generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
@@ -282,7 +292,7 @@ class DiffusersEngine:
                 "guidance_scale": params.cfg_scale,
                 "num_images_per_prompt": params.batch_size,
                 "generator": generators,
-                "callback_on_step_end": self._callback(request, iteration, params.n_iter, started),
+                "callback_on_step_end": self._callback(request, iteration, params.n_iter, started, deadline),
                 "output_type": "pil",
             }
             if params.sampler_name.upper() == "DDIM" and request.payload.get("eta") is not None:
@@ -295,11 +305,13 @@ class DiffusersEngine:
         return images
 
     @staticmethod
-    def _callback(request: GenerationRequest, iteration: int, n_iter: int, started: float) -> Any:
+    def _callback(request: GenerationRequest, iteration: int, n_iter: int, started: float, deadline: Deadline) -> Any:
         def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if request.is_cancelled is not None and request.is_cancelled():
                 # Raising here unwinds the pipeline call at once; nothing else holds state across calls.
                 raise GenerationCancelled(f"task {request.task_id} cancelled at step {index + 1}")
+            # The same way out for the deadline: a step is the finest grain at which diffusers lets us stop.
+            deadline.check(f"at step {index + 1} of batch {iteration + 1}")
             if request.on_progress is not None:
                 # num_timesteps counts what really runs (fewer for img2img, more for second-order samplers).
                 per_iter = int(pipe.num_timesteps)

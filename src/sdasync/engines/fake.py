@@ -7,6 +7,8 @@ URL: ``fake://?seconds=S&fail_rate=P&fail=transient|permanent``
 - ``fail`` (``transient`` or ``permanent``, default ``transient``): transient raises EngineUnavailable (retryable),
   permanent raises EngineRejected.
 
+A request's ``deadline_s`` is checked at every step (and cuts a step's wait short): past it, EngineTimeout.
+
 Each image is a two-colour gradient whose colours and direction come from a hash of its seed and the prompt, so the
 same seed and prompt give the same bytes and different seeds (almost surely) differ. A 512x512 PNG takes a few
 milliseconds. The result's ``info`` has the WebUI's shape (see ``sdasync.engines.infotext``), with model name
@@ -27,6 +29,7 @@ from PIL import Image, ImageOps
 
 from sdasync.backends.urls import query_params
 from sdasync.engines.base import GenerationRequest, GenerationResult, Progress
+from sdasync.engines.deadline import Deadline
 from sdasync.engines.infotext import GenerationParams, build_info, encode_png, infotext
 from sdasync.errors import ConfigError, EngineRejected, EngineUnavailable, GenerationCancelled
 from sdasync.models import Api
@@ -98,6 +101,7 @@ class FakeEngine:
         self._closed.set()
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
+        deadline = Deadline(request.deadline_s, task_id=request.task_id)
         self.calls += 1
         with self._rng_lock:
             failing = self.fail_rate > 0 and self._rng.random() < self.fail_rate
@@ -108,24 +112,29 @@ class FakeEngine:
             raise EngineUnavailable(f"fake engine: simulated transient failure (fail_rate={self.fail_rate})")
         if request.api is Api.IMG2IMG and not request.payload.get("init_images"):
             raise EngineRejected("img2img needs init_images", field="init_images")
-        self._wait_steps(request, params.steps)
+        self._wait_steps(request, params.steps, deadline)
         images = []
         for index, seed in enumerate(params.all_seeds):
             image = render(seed, params.prompt, params.width, params.height)
             images.append(encode_png(image, infotext(params, index, MODEL_NAME), compress_level=1))
         return GenerationResult(images=images, info=build_info(params, MODEL_NAME))
 
-    def _wait_steps(self, request: GenerationRequest, steps: int) -> None:
-        """Spend ``seconds`` in ``steps`` slices, reporting progress and honouring cancellation at each one."""
+    def _wait_steps(self, request: GenerationRequest, steps: int, deadline: Deadline) -> None:
+        """Spend ``seconds`` in ``steps`` slices, reporting progress and honouring cancellation and the deadline at
+        each one."""
         start = time.monotonic()
         for step in range(1, steps + 1):
             if request.is_cancelled is not None and request.is_cancelled():
                 raise GenerationCancelled(f"task {request.task_id} cancelled at step {step - 1}/{steps}")
+            deadline.check(f"at step {step - 1}/{steps}")
             # Deadlines from the start, not per-slice sleeps, so rounding errors do not add up over many steps.
             step_end = start + self.seconds * step / steps
-            remaining = step_end - time.monotonic()
+            # A step longer than what is left of the deadline is cut short, so the timeout is as punctual as a
+            # real engine's step callback would make it, not late by up to one (possibly long) step.
+            remaining = deadline.cap(step_end - time.monotonic())
             if remaining > 0 and self._closed.wait(remaining):
                 raise EngineUnavailable("fake engine closed during a generation")
+            deadline.check(f"at step {step - 1}/{steps}")
             if request.on_progress is not None:
                 eta = max(0.0, start + self.seconds - time.monotonic())
                 request.on_progress(Progress(step, steps, eta))

@@ -14,9 +14,17 @@ forced on, ``save_images`` off and ``force_task_id`` set to the task id. Readine
 present in A1111 (with or without ``--nowebui``), Forge and SD.Next; ``/internal/ping`` exists only when the Gradio
 UI is mounted. The WebUI mounts its API routes after its HTTP server starts, so a 404 there means "not yet".
 
+While a generation runs, ``sdasync.engines.webui_progress`` polls ``POST /internal/progress`` for this task every
+``progress_interval`` seconds (a constructor argument, default 0.5) to feed ``on_progress`` (from that thread), and
+carries out ``is_cancelled``: ``POST /sdapi/v1/interrupt`` (global) only when the per-task answer says our job is the
+active one; a queued job is interrupted as soon as it starts. An interrupted job's partial images are never
+returned: GenerationCancelled. A request's ``deadline_s`` caps the read timeout; when it passes, our job is
+interrupted the same way and EngineTimeout is raised.
+
 Errors: no connection (refused, DNS, connect timeout, dropped mid-answer), HTTP 5xx, 408 and 429 ->
-EngineUnavailable; a read timeout -> EngineTimeout; other HTTP 4xx (422 validation, 404 unknown sampler or missing
-init image) -> EngineRejected with the WebUI's detail; a 200 whose body is not the documented shape -> EngineError.
+EngineUnavailable; a read timeout or the deadline -> EngineTimeout; other HTTP 4xx (422 validation, 404 unknown
+sampler or missing init image) -> EngineRejected with the WebUI's detail; a 200 whose body is not the documented
+shape -> EngineError; a cancel -> GenerationCancelled.
 
 Credentials do not belong in URLs: for ``--api-auth``, pass a ready ``httpx.Client`` (``client=``) with ``auth`` set.
 """
@@ -38,12 +46,15 @@ from PIL import Image, UnidentifiedImageError
 
 from sdasync.backends.urls import query_params
 from sdasync.engines.base import GenerationRequest, GenerationResult
+from sdasync.engines.deadline import Deadline
+from sdasync.engines.webui_progress import TaskMonitor
 from sdasync.errors import (
     ConfigError,
     EngineError,
     EngineRejected,
     EngineTimeout,
     EngineUnavailable,
+    GenerationCancelled,
 )
 
 PROBE_PATH = "/sdapi/v1/sd-models"
@@ -122,12 +133,14 @@ class WebuiEngine:
         connect_timeout: float = 5.0,
         read_timeout: float = 600.0,
         ready_timeout: float = 300.0,
+        progress_interval: float = 0.5,
         client: httpx.Client | None = None,
     ) -> None:
         for name, value in (
             ("connect_timeout", connect_timeout),
             ("read_timeout", read_timeout),
             ("ready_timeout", ready_timeout),
+            ("progress_interval", progress_interval),
         ):
             if value <= 0:
                 raise ConfigError(f"webui: {name} must be > 0, got {value}")
@@ -135,6 +148,7 @@ class WebuiEngine:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.ready_timeout = ready_timeout
+        self.progress_interval = progress_interval
         self._client = client
         self._owns_client = client is None
         self._closed = threading.Event()
@@ -222,25 +236,57 @@ class WebuiEngine:
             self._client = None
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        # Per-task progress and cancellation would run beside this blocking POST: a thread polling
-        # POST /internal/progress {"id_task": request.task_id} (feeding request.on_progress), and on
-        # request.is_cancelled() calling /sdapi/v1/interrupt only while that poll says our task is the active
-        # one, since interrupt is global. force_task_id is sent already so that can be added without changes here.
+        deadline = Deadline(request.deadline_s, task_id=request.task_id)
+        if request.is_cancelled is not None and request.is_cancelled():
+            raise GenerationCancelled(f"task {request.task_id} cancelled before it was sent to the WebUI")
         payload = dict(request.payload)
+        # force_task_id is what makes /internal/progress answer for this task, so progress and cancel are per task.
         payload.update(send_images=True, save_images=False, force_task_id=request.task_id)
         url = f"{self.base_url}{request.api.value}"
+        # The WebUI sends nothing until its images are done, so the read timeout bounds the whole wait: the
+        # deadline caps it. A deadline already spent (a long wait before this call) fails before sending anything.
+        read_timeout = deadline.cap(self.read_timeout)
+        if read_timeout <= 0:
+            raise deadline.error("before the request was sent")
+        timeout = httpx.Timeout(read_timeout, connect=min(self.connect_timeout, read_timeout))
+        monitor = TaskMonitor(self.client, self.base_url, request, interval_s=self.progress_interval)
+        monitor.start()
         try:
-            response = self.client.post(url, json=payload)
-        except httpx.ConnectTimeout as exc:
-            raise EngineUnavailable(f"WebUI at {self.base_url} unreachable: connect timed out") from exc
+            response = self.client.post(url, json=payload, timeout=timeout)
         except httpx.TimeoutException as exc:
+            if isinstance(exc, httpx.ConnectTimeout):
+                monitor.finish()  # nothing reached the WebUI: nothing to interrupt
+                raise EngineUnavailable(f"WebUI at {self.base_url} unreachable: connect timed out") from exc
+            # The WebUI goes on with a job whose client left: stop it (now if running, else once it starts) so a
+            # hung or abandoned job does not hold the GPU, and a retry does not queue behind it.
+            monitor.give_up(self.read_timeout)
+            if monitor.cancel_requested:
+                raise GenerationCancelled(f"task {request.task_id} cancelled while waiting for the WebUI") from exc
+            if read_timeout < self.read_timeout:  # the deadline, not the engine's own timeout, set this wait
+                raise deadline.error("waiting for the WebUI") from exc
             raise EngineTimeout(
                 f"WebUI at {self.base_url} gave no answer in time ({type(exc).__name__}, read_timeout="
                 f"{self.read_timeout:g} s)"
             ) from exc
         except httpx.TransportError as exc:
+            if isinstance(exc, httpx.ConnectError):
+                monitor.finish()
+            else:  # dropped mid-answer (a proxy, a reset): the job may still run there, as after a timeout
+                monitor.give_up(self.read_timeout)
+            if monitor.cancel_requested:
+                raise GenerationCancelled(f"task {request.task_id} cancelled; the WebUI connection failed") from exc
             raise EngineUnavailable(f"WebUI at {self.base_url} unreachable: {type(exc).__name__}: {exc}") from exc
-        return self._result(response)
+        except BaseException:
+            monitor.finish()
+            raise
+        monitor.finish()
+        # An interrupted job comes back as a 200 with partial images: they must not pass for the result. A cancel
+        # seen only now (the job finished meanwhile) wins too, as in the in-process engines.
+        if monitor.cancel_requested or (request.is_cancelled is not None and request.is_cancelled()):
+            raise GenerationCancelled(f"task {request.task_id} cancelled (interrupted in the WebUI)")
+        result = self._result(response)
+        monitor.report_done()
+        return result
 
     def _result(self, response: httpx.Response) -> GenerationResult:
         status = response.status_code

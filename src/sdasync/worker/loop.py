@@ -1,8 +1,9 @@
 """The worker loop. One message at a time, in this order, so a crash at any step loses nothing:
 
 1. receive (the message is hidden for the visibility timeout)
-2. claim: ``queued|running -> running`` conditional on the attempt number, which it increments
-3. generate, while a heartbeat keeps the message hidden
+2. claim: ``queued -> running``, or ``running -> running`` once the previous holder's lease has run out;
+   conditional on the attempt number, which it increments, and on the lease
+3. generate, while the attempt guard keeps the message hidden and the lease alive, and watches for a cancel
 4. write the images under deterministic keys ``<taskId>/<n>.png`` (a retry overwrites, never adds)
 5. ``running -> succeeded`` conditional on this worker's attempt, with the image keys and info
 6. only then acknowledge (delete) the message
@@ -23,16 +24,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdasync.backends.base import BlobStore, Message, Queue, TaskStore
-from sdasync.engines.base import Engine, GenerationRequest, Progress
-from sdasync.errors import BlobNotFound, GenerationCancelled, SdasyncError, TaskConflict, TaskNotFound, UnexpectedError
+from sdasync.engines.base import Engine, GenerationRequest
+from sdasync.engines.deadline import default_deadline_s
+from sdasync.errors import (
+    BlobNotFound,
+    EngineUnavailable,
+    GenerationCancelled,
+    SdasyncError,
+    TaskConflict,
+    TaskNotFound,
+    UnexpectedError,
+)
 from sdasync.models import Task, TaskError, TaskStatus
 from sdasync.service import load_payload
-from sdasync.worker.lease import Heartbeat
+from sdasync.worker.attempt import CANCELLED, DRAIN, FENCED, AttemptGuard, record, used_attempts
+from sdasync.worker.faults import fault_error, fault_point
 
 log = logging.getLogger(__name__)
 
 QUEUED_OR_RUNNING = frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING})
-#: Exit status of a worker that stopped because its engine broke: restart the process.
+#: Exit status of a worker that stopped because its engine broke beyond repair: restart the process.
 EXIT_ENGINE_BROKEN = 3
 #: Deliveries of a message whose task does not exist before it is dropped (0.5 + 1 + 2 + 4 s of backoff).
 ORPHAN_RECEIVES = 5
@@ -48,6 +59,12 @@ class WorkerConfig:
     backoff_max_s: float = 120.0
     #: Progress is written to the task store at most this often.
     progress_interval_s: float = 1.0
+    #: After a stop request, how long the current task may run before it is interrupted and handed back.
+    drain_timeout_s: float = 90.0
+    #: How often a worker whose engine is down probes it (doubling up to 8 times this).
+    engine_probe_s: float = 2.0
+    #: A generation running longer is interrupted and retried; None derives it from steps, size and images.
+    generation_timeout_s: float | None = None
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
 
@@ -63,11 +80,28 @@ class Worker:
         self.counts: dict[str, int] = {}
         #: What the worker process should exit with: 0, or EXIT_ENGINE_BROKEN.
         self.exit_code = 0
+        #: Set while the engine is down: the loop probes it instead of receiving.
+        self.engine_down = threading.Event()
         self._engine_ready = False
+        self._guard: AttemptGuard | None = None
+        self._drain_timer: threading.Timer | None = None
 
-    def request_stop(self) -> None:
-        """Finish the current task, then leave ``run``."""
+    def request_stop(self, *, drain_timeout_s: float | None = None) -> None:
+        """Stop receiving; let the current task finish within the drain timeout, else interrupt it and hand it
+        back to the queue at once. Safe to call from a signal handler or another thread."""
+        if self.stop_event.is_set():
+            return
         self.stop_event.set()
+        timeout = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        self._drain_timer = threading.Timer(timeout, self._interrupt_current, args=(DRAIN,))
+        self._drain_timer.daemon = True
+        self._drain_timer.start()
+
+    def _interrupt_current(self, reason: str) -> None:
+        guard = self._guard
+        if guard is not None:
+            log.warning("task %s: interrupted (%s)", guard.task.task_id, reason)
+            guard.interrupt(reason)
 
     def run(self, *, burst: bool = False, max_tasks: int | None = None, max_idle_s: float | None = None) -> int:
         """Process messages until stopped. ``burst``: leave when the queue has nothing visible; ``max_tasks``:
@@ -79,26 +113,56 @@ class Worker:
         handled = 0
         idle_since = time.monotonic()
         log.info("worker %s ready", self.config.worker_id)
-        while not self.stop_event.is_set():
-            if max_tasks is not None and handled >= max_tasks:
-                break
-            try:
-                messages = self.queue.receive(max_messages=1, wait_s=0 if burst else self.config.wait_s,
-                                              visibility_timeout_s=self.config.visibility_timeout_s)
-            except SdasyncError as exc:
-                log.warning("receive failed: %s", exc)
-                self.stop_event.wait(self.config.wait_s)
-                continue
-            if not messages:
-                if burst or (max_idle_s is not None and time.monotonic() - idle_since >= max_idle_s):
+        try:
+            while not self.stop_event.is_set():
+                if self.engine_down.is_set():
+                    self._wait_for_engine()
+                    continue
+                if max_tasks is not None and handled >= max_tasks:
                     break
-                continue
-            for message in messages:
-                self.handle(message)
-                handled += 1
-            idle_since = time.monotonic()
+                try:
+                    messages = self.queue.receive(max_messages=1, wait_s=0 if burst else self.config.wait_s,
+                                                  visibility_timeout_s=self.config.visibility_timeout_s)
+                except SdasyncError as exc:
+                    log.warning("receive failed: %s", exc)
+                    self.stop_event.wait(self.config.wait_s)
+                    continue
+                if not messages:
+                    if burst or (max_idle_s is not None and time.monotonic() - idle_since >= max_idle_s):
+                        break
+                    continue
+                for message in messages:
+                    self.handle(message)
+                    handled += 1
+                idle_since = time.monotonic()
+        finally:
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
         log.info("worker %s stopping after %d message(s): %s", self.config.worker_id, handled, self.counts)
         return handled
+
+    def _wait_for_engine(self) -> None:
+        """Probe the engine until it answers, instead of taking tasks only to fail them."""
+        delay = self.config.engine_probe_s
+        while not self.stop_event.wait(delay):
+            report = self._engine_health()
+            if report.get("ok"):
+                log.info("engine is back")
+                self.engine_down.clear()
+                return
+            if report.get("restart"):
+                log.error("engine cannot recover in this process (%s); exiting to be restarted",
+                          report.get("detail"))
+                self.exit_code = EXIT_ENGINE_BROKEN
+                self.stop_event.set()
+                return
+            delay = min(delay * 2, self.config.engine_probe_s * 8)
+
+    def _engine_health(self) -> dict[str, Any]:
+        try:
+            return dict(self.engine.health())
+        except Exception as exc:  # a probe that raises is itself a sign of trouble
+            return {"ok": False, "detail": str(exc)}
 
     def _count(self, outcome: str) -> str:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
@@ -106,6 +170,7 @@ class Worker:
 
     def handle(self, message: Message) -> str:
         """Process one delivery; returns what happened. Never raises for a task's failure."""
+        fault_point("received")
         try:
             return self._count(self._handle(message))
         except SdasyncError as exc:
@@ -121,18 +186,23 @@ class Worker:
         if task.status.is_terminal:
             self.queue.ack(message.receipt)
             return "duplicate"
-        if task.attempts >= self.config.max_attempts:
-            # Every earlier attempt died without recording an outcome (a crash loop): stop here.
-            self._finish_failed(task, message, task.attempts, TaskError(
-                "attempts_exhausted", f"the task was started {task.attempts} times and never finished"))
-            return "failed"
+        now = time.time()
+        history = task.history
+        if task.status is TaskStatus.RUNNING and (task.lease_until is None or task.lease_until < now):
+            # Its holder stopped renewing the lease: that attempt died (a crash, a kill, a lost machine).
+            history = (*history, record(task, "lost", now=now))
+        if used_attempts(history) >= self.config.max_attempts:
+            error = TaskError("attempts_exhausted", f"the task failed {used_attempts(history)} times")
+            return self._finish_failed(task, message, error, history=history, lease_expired_before=now)
         try:
-            claimed = self.store.transition(task.task_id, expected=QUEUED_OR_RUNNING, to=TaskStatus.RUNNING,
-                                            attempt=task.attempts, changes={
-                                                "attempts": task.attempts + 1, "started_at": time.time(),
-                                                "worker": self.config.worker_id, "progress": None})
+            claimed = self.store.transition(
+                task.task_id, expected=QUEUED_OR_RUNNING, to=TaskStatus.RUNNING, attempt=task.attempts,
+                lease_expired_before=now, changes={
+                    "attempts": task.attempts + 1, "started_at": now, "worker": self.config.worker_id,
+                    "progress": None, "lease_until": now + self.config.visibility_timeout_s, "history": history})
         except TaskConflict as exc:
             return self._lost_claim(message, exc)
+        fault_point("claimed")
         return self._run(claimed, message)
 
     def _unknown_task(self, message: Message) -> str:
@@ -153,51 +223,85 @@ class Worker:
     def _lost_claim(self, message: Message, exc: TaskConflict) -> str:
         current = exc.current
         if (isinstance(current, Task) and current.status.is_terminal) or self._last_delivery(message):
-            # On its last delivery a copy is not put back: the claim's winner holds the task and its own message.
+            # On its last delivery a copy is not put back: the live holder keeps the task and its own delivery.
             self.queue.ack(message.receipt)
             return "duplicate"
-        # Someone else claimed it between our read and our write (a duplicate delivery). Look again later: by
-        # then it is finished and this copy is acknowledged, or its worker died and this copy takes over.
-        self.queue.nack(message.receipt, delay_s=self.config.visibility_timeout_s)
+        # Another worker holds the task under a live lease (a duplicate delivery, or its extend failed). Look
+        # again when that lease would have run out: by then it is finished, or its holder is gone.
+        lease = current.lease_until if isinstance(current, Task) and current.lease_until else time.time()
+        self.queue.nack(message.receipt, delay_s=min(max(1.0, lease - time.time() + 1.0), 43_200.0))
         return "contended"
 
     def _run(self, task: Task, message: Message) -> str:
-        attempt = task.attempts
         try:
             payload = load_payload(task, self.blobs)
         except BlobNotFound:
             error = TaskError("payload_missing", "the request's payload is gone from the blob store")
-            self._finish_failed(task, message, attempt, error, dead_letter=False)
-            return "failed"
+            return self._finish_failed(task, message, error, history=(*task.history, record(task, "failed")),
+                                       attempt=task.attempts, dead_letter=False)
         except SdasyncError as exc:
             return self._failed_attempt(task, message, exc)
-        reporter = _ProgressReporter(self.store, task.task_id, attempt, self.config.progress_interval_s)
-        request = GenerationRequest(task_id=task.task_id, api=task.api, payload=payload,
-                                    on_progress=reporter.report, is_cancelled=reporter.cancelled.is_set)
-        log.info("task %s attempt %d: generating", task.task_id, attempt)
-        with Heartbeat(self.queue, message.receipt, visibility_timeout_s=self.config.visibility_timeout_s):
-            try:
-                result = self.engine.generate(request)
-                keys = tuple(f"{task.task_id}/{i}.png" for i in range(len(result.images)))
-                for key, png in zip(keys, result.images, strict=True):
-                    self.blobs.put(key, png, content_type="image/png")
-            except GenerationCancelled:
-                return self._after_conflict(task, message, keys=())
-            except SdasyncError as exc:
-                return self._failed_attempt(task, message, exc)
-            except Exception as exc:  # an engine bug or a library error: retried like any transient failure
-                log.exception("task %s attempt %d: unexpected error", task.task_id, attempt)
-                return self._failed_attempt(task, message, UnexpectedError(f"{type(exc).__name__}: {exc}"))
+        guard = AttemptGuard(queue=self.queue, store=self.store, task=task, receipt=message.receipt,
+                             visibility_timeout_s=self.config.visibility_timeout_s,
+                             progress_interval_s=self.config.progress_interval_s)
+        deadline = self.config.generation_timeout_s or default_deadline_s(payload)
+        request = GenerationRequest(task_id=task.task_id, api=task.api, payload=payload, on_progress=guard.report,
+                                    is_cancelled=guard.interrupted, deadline_s=deadline)
+        log.info("task %s attempt %d: generating", task.task_id, task.attempts)
+        self._guard = guard
+        if self.stop_event.is_set() and self._drain_timer is not None and not self._drain_timer.is_alive():
+            guard.interrupt(DRAIN)  # the drain timeout ran out before this attempt began
+        try:
+            with guard:
+                try:
+                    result = self.engine.generate(request)
+                    keys = tuple(f"{task.task_id}/{i}.png" for i in range(len(result.images)))
+                    for key, png in zip(keys, result.images, strict=True):
+                        fault_error("upload")
+                        self.blobs.put(key, png, content_type="image/png")
+                except GenerationCancelled:
+                    return self._interrupted(task, message, guard.reason)
+                except SdasyncError as exc:
+                    return self._failed_attempt(task, message, exc)
+                except Exception as exc:  # an engine bug or a library error: retried like any transient failure
+                    log.exception("task %s attempt %d: unexpected error", task.task_id, task.attempts)
+                    return self._failed_attempt(task, message, UnexpectedError(f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._guard = None
+        fault_point("uploaded")
         try:
             self.store.transition(task.task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.SUCCEEDED,
-                                  attempt=attempt, changes={
+                                  attempt=task.attempts, changes={
                                       "images": keys, "info": result.info, "finished_at": time.time(),
-                                      "error": None, "progress": _done(payload)})
+                                      "error": None, "progress": _done(payload), "lease_until": None,
+                                      "history": (*task.history, record(task, "succeeded"))})
         except TaskConflict:
             return self._after_conflict(task, message, keys=keys)
+        fault_point("completed")
         self.queue.ack(message.receipt)
         log.info("task %s succeeded with %d image(s)", task.task_id, len(keys))
         return "succeeded"
+
+    def _interrupted(self, task: Task, message: Message, reason: str | None) -> str:
+        if reason == DRAIN:
+            return self._release(task, message, "the worker was stopped")
+        if reason not in (CANCELLED, FENCED):
+            log.warning("task %s: the engine reported a cancel nobody asked for", task.task_id)
+        return self._after_conflict(task, message, keys=())
+
+    def _release(self, task: Task, message: Message, why: str) -> str:
+        """Hand the task back at once, without using up an attempt: the worker is the problem, not the task."""
+        try:
+            self.store.transition(task.task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.QUEUED,
+                                  attempt=task.attempts, changes={
+                                      "progress": None, "lease_until": None,
+                                      "history": (*task.history, record(task, "released",
+                                                                        error=TaskError("released", why)))})
+        except TaskConflict:
+            return self._after_conflict(task, message, keys=())
+        self.queue.nack(message.receipt, delay_s=0)
+        log.info("task %s released: %s", task.task_id, why)
+        return "released"
 
     def _after_conflict(self, task: Task, message: Message, *, keys: tuple[str, ...]) -> str:
         """Our attempt's write was refused: the task was cancelled, or a newer attempt owns it."""
@@ -217,55 +321,50 @@ class Worker:
         return "fenced"
 
     def _failed_attempt(self, task: Task, message: Message, exc: SdasyncError) -> str:
-        attempt = task.attempts
         error = TaskError(exc.code, exc.message)
-        if exc.retryable and not self._engine_healthy():
-            # The engine broke (a lost CUDA context, say): this worker cannot serve anyone. Hand the task back now
-            # and exit, so a fresh process (restarted by serve, systemd or the fleet) takes over.
-            log.error("engine unhealthy after %s; releasing task %s and stopping", exc, task.task_id)
-            self.exit_code = EXIT_ENGINE_BROKEN
-            self.request_stop()
+        if isinstance(exc, EngineUnavailable) and not self._engine_health().get("ok", True):
+            # The engine is down, not this task: hand the task back and wait for the engine.
+            self.engine_down.set()
+            log.error("engine down (%s); task %s handed back", exc, task.task_id)
+            return self._release(task, message, f"engine down: {exc.message}")
+        used = used_attempts(task.history) + 1
+        if exc.retryable and used < self.config.max_attempts and not self._last_delivery(message):
+            delay = self.backoff_s(used)
+            log.warning("task %s attempt %d failed (%s), retrying in %.1f s", task.task_id, task.attempts, exc,
+                        delay)
             try:
                 self.store.transition(task.task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.QUEUED,
-                                      attempt=attempt, changes={"error": error, "progress": None})
-            except TaskConflict:
-                return self._after_conflict(task, message, keys=())
-            self.queue.nack(message.receipt, delay_s=0)
-            return "released"
-        if exc.retryable and attempt < self.config.max_attempts and not self._last_delivery(message):
-            delay = self.backoff_s(attempt)
-            log.warning("task %s attempt %d failed (%s), retrying in %.1f s", task.task_id, attempt, exc, delay)
-            try:
-                self.store.transition(task.task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.QUEUED,
-                                      attempt=attempt, changes={"error": error, "progress": None})
+                                      attempt=task.attempts, changes={
+                                          "error": error, "progress": None, "lease_until": None,
+                                          "history": (*task.history, record(task, "retried", error=error))})
             except TaskConflict:
                 return self._after_conflict(task, message, keys=())
             self.queue.nack(message.receipt, delay_s=delay)
             return "retried"
         if exc.retryable:
-            error = TaskError(exc.code, f"{exc.message} (gave up after {attempt} attempts)")
+            error = TaskError(exc.code, f"{exc.message} (gave up after {used} attempts)")
         log.error("task %s failed: %s", task.task_id, error.message)
-        self._finish_failed(task, message, attempt, error, dead_letter=exc.retryable)
-        return "failed"
+        return self._finish_failed(task, message, error, history=(*task.history, record(task, "failed", error=error)),
+                                   attempt=task.attempts, dead_letter=exc.retryable)
 
-    def _finish_failed(self, task: Task, message: Message, attempt: int, error: TaskError, *,
-                       dead_letter: bool = True) -> None:
+    def _finish_failed(self, task: Task, message: Message, error: TaskError, *,
+                       history: tuple[dict[str, Any], ...], attempt: int | None = None, dead_letter: bool = True,
+                       lease_expired_before: float | None = None) -> str:
         try:
-            self.store.transition(task.task_id, expected=QUEUED_OR_RUNNING, to=TaskStatus.FAILED, attempt=attempt,
-                                  changes={"error": error, "finished_at": time.time(), "progress": None})
-        except TaskConflict:
-            self._after_conflict(task, message, keys=())
-            return
+            self.store.transition(task.task_id, expected=QUEUED_OR_RUNNING, to=TaskStatus.FAILED,
+                                  attempt=task.attempts if attempt is None else attempt,
+                                  lease_expired_before=lease_expired_before, changes={
+                                      "error": error, "finished_at": time.time(), "progress": None,
+                                      "lease_until": None, "history": history})
+        except TaskConflict as exc:
+            if isinstance(exc.current, Task) and not exc.current.status.is_terminal:
+                return self._lost_claim(message, exc)
+            return self._after_conflict(task, message, keys=())
         if dead_letter:
             self.queue.dead_letter(message.receipt, reason=error.code)
         else:
             self.queue.ack(message.receipt)
-
-    def _engine_healthy(self) -> bool:
-        try:
-            return bool(self.engine.health().get("ok", True))
-        except Exception:  # a health probe that raises is itself a sign of trouble
-            return False
+        return "failed"
 
     def backoff_s(self, attempt: int) -> float:
         """Exponential backoff with full jitter: spreads retries of a burst of failures over time."""
@@ -276,31 +375,3 @@ class Worker:
 def _done(payload: dict[str, Any]) -> dict[str, Any]:
     steps = int(payload.get("steps", 0))
     return {"fraction": 1.0, "step": steps, "steps": steps, "etaSeconds": 0.0}
-
-
-class _ProgressReporter:
-    """Writes progress at most once per interval; notices a cancel when the task is no longer ours to write."""
-
-    def __init__(self, store: TaskStore, task_id: str, attempt: int, interval_s: float) -> None:
-        self.store = store
-        self.task_id = task_id
-        self.attempt = attempt
-        self.interval_s = interval_s
-        self.cancelled = threading.Event()
-        self._last = 0.0
-
-    def report(self, progress: Progress) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval_s and progress.step < progress.steps:
-            return
-        self._last = now
-        try:
-            self.store.transition(self.task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.RUNNING,
-                                  attempt=self.attempt, changes={"progress": {
-                                      "fraction": round(progress.fraction, 4), "step": progress.step,
-                                      "steps": progress.steps, "etaSeconds": progress.eta_s}})
-        except TaskConflict:
-            # Cancelled, or fenced off by a newer attempt: either way this generation's result is not wanted.
-            self.cancelled.set()
-        except SdasyncError as exc:
-            log.warning("task %s: progress not written: %s", self.task_id, exc)

@@ -1,0 +1,84 @@
+"""``sdasync worker``: one worker process, its signals, its parent and its spot-interruption watch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from collections.abc import Callable
+from types import FrameType
+
+from sdasync.backends.registry import open_backend
+from sdasync.config import Settings
+from sdasync.errors import ConfigError
+from sdasync.service import open_backends
+from sdasync.worker.interruption import SpotInterruptionWatcher
+from sdasync.worker.loop import Worker, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+#: A spot instance gets two minutes' notice; drain well inside it, leaving time to hand the task back.
+SPOT_DRAIN_S = 80.0
+
+
+def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    config = WorkerConfig(visibility_timeout_s=settings.visibility_timeout, max_attempts=settings.max_attempts,
+                          drain_timeout_s=args.drain_timeout, generation_timeout_s=args.generation_timeout)
+    with open_backends(settings) as backends, \
+            open_backend("engine", settings.engine, models_dir=settings.models_dir) as engine:
+        if backends.queue.max_receives <= settings.max_attempts:
+            raise ConfigError(f"the queue dead-letters a message after {backends.queue.max_receives} receives, "
+                              f"which leaves no room for --max-attempts {settings.max_attempts}; raise the "
+                              f"queue's max_receives above it")
+        worker = Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, engine=engine,
+                        config=config)
+        install_stop_handlers(worker.request_stop)
+        if args.parent_pid:
+            from sdasync.supervisor import watch_parent
+
+            watch_parent(args.parent_pid, worker.request_stop)
+        watcher = _spot_watcher(args, worker, config)
+        try:
+            worker.run(burst=args.burst, max_tasks=args.max_tasks, max_idle_s=args.max_idle)
+        finally:
+            if watcher is not None:
+                watcher.stop()
+    return worker.exit_code
+
+
+def _spot_watcher(args: argparse.Namespace, worker: Worker, config: WorkerConfig) -> SpotInterruptionWatcher | None:
+    """Watch instance metadata for a spot interruption or rebalance notice, and drain on the first one.
+
+    On only when asked (``--watch-spot``, or an explicit ``SDASYNC_IMDS_URL``): off EC2 the metadata address
+    belongs to nobody, and a worker should not probe it unasked."""
+    imds_url = os.environ.get("SDASYNC_IMDS_URL")
+    if not (args.watch_spot or imds_url):
+        return None
+    drain_s = min(config.drain_timeout_s, SPOT_DRAIN_S)
+
+    def on_notice(kind: str, detail: dict[str, object]) -> None:
+        log.warning("%s notice (%s): draining within %.0f s", kind, detail, drain_s)
+        worker.request_stop(drain_timeout_s=drain_s)
+
+    watcher = SpotInterruptionWatcher(on_notice=on_notice, base_url=imds_url)
+    watcher.start()
+    return watcher
+
+
+def install_stop_handlers(request_stop: Callable[[], None]) -> None:
+    """First SIGTERM/SIGINT: drain (finish the current task within the drain timeout, else hand it back), then
+    exit. A second: exit now; the task's lease and message visibility run out and another worker takes it."""
+    received = 0
+
+    def handler(signum: int, _: FrameType | None) -> None:
+        nonlocal received
+        received += 1
+        if received > 1:
+            log.warning("second signal: exiting without finishing the current task")
+            os._exit(128 + signum)
+        log.info("signal %d: draining, then exiting", signum)
+        request_stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
