@@ -20,8 +20,8 @@ class Processes:
         self.log_dir = log_dir
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *args: str, name: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    def start(self, *args: str, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         log = (self.log_dir / f"{name}.log").open("ab")
         process = subprocess.Popen([sys.executable, "-m", "sdasync", *args], stdout=log, stderr=subprocess.STDOUT,
                                    env=env, start_new_session=True)
