@@ -92,6 +92,8 @@ def test_a_poisoned_task_fails_and_can_be_redriven(procs: Processes, port: int, 
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "engine_unavailable"
     assert "3 attempts" in failed["error"]["message"]
+    assert [h["outcome"] for h in failed["history"]] == ["retried", "retried", "failed"]
+    assert all(h["error"]["code"] == "engine_unavailable" and h["endedAt"].endswith("Z") for h in failed["history"])
     listed = procs.run("dlq", "list", *data)
     assert [row["taskId"] for row in json.loads(listed.stdout)] == [task_id]
 

@@ -49,6 +49,9 @@ class TaskResponse(BaseModel):
     progress: dict[str, Any] | None
     result: TaskResult | None
     error: TaskError | None
+    history: list[dict[str, Any]] = Field(description="one record per attempt: attempt, worker, startedAt, "
+                                          "endedAt, outcome (succeeded, failed, retried, lost, released, "
+                                          "redriven), error")
 
 
 class TaskListResponse(BaseModel):
@@ -89,6 +92,8 @@ def task_json(task: Task, blobs: BlobStore, base_url: str) -> dict[str, Any]:
         "progress": task.progress,
         "result": result,
         "error": task.error.to_dict() if task.error else None,
+        "history": [{**entry, "startedAt": iso(entry.get("startedAt")), "endedAt": iso(entry.get("endedAt"))}
+                    for entry in task.history],
     }
 
 
