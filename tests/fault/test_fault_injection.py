@@ -2,7 +2,7 @@
 interruption, failing engines and blob stores, duplicate deliveries and cancels, on SQLite and on the AWS
 backends (moto_server). Afterwards every task is in exactly one terminal state with exactly its images.
 
-Run alone with ``pytest tests/fault -s`` to see the counts.
+Each run prints its counts (tasks, kills, retries, terminal statuses), past pytest's output capture.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from sdasync.service import open_backends
 pytestmark = pytest.mark.slow
 
 
-def report(name: str, counts: dict[str, int]) -> None:
-    print(f"\n[fault injection: {name}]")
-    for key in sorted(counts):
-        print(f"  {key:32} {counts[key]}")
+def report(name: str, counts: dict[str, int], capsys: pytest.CaptureFixture[str]) -> None:
+    # Printed past pytest's capture: the counts are part of what this suite shows, in `make test` too.
+    with capsys.disabled():
+        print(f"\n[fault injection: {name}]")
+        for key in sorted(counts):
+            print(f"  {key:48} {counts[key]}")
 
 
 @pytest.fixture
@@ -35,7 +37,7 @@ def imds() -> Iterator[object]:
         yield server
 
 
-def test_sqlite_backends(tmp_path: Path, imds: object) -> None:
+def test_sqlite_backends(tmp_path: Path, imds: object, capsys: pytest.CaptureFixture[str]) -> None:
     db = url_for_path("sqlite", tmp_path / "sdasync.db")
     settings = Settings(data_dir=tmp_path, queue=db, store=db, blobs=url_for_path("file", tmp_path / "results"))
     chaos = Chaos(settings=settings, log_dir=tmp_path, imds_url=imds.url,  # type: ignore[attr-defined]
@@ -44,13 +46,13 @@ def test_sqlite_backends(tmp_path: Path, imds: object) -> None:
     with open_backends(settings) as backends:
         tasks = chaos.run(backends, spot_notice=imds.interrupt)  # type: ignore[attr-defined]
         counts = audit(tasks, backends, chaos.counts)
-    report("sqlite", counts)
+    report("sqlite", counts, capsys)
     assert counts["worker deaths by SIGKILL (injected or external)"] > 0  # the chaos really happened
     assert counts["tasks succeeded"] > 0
 
 
 @pytest.mark.usefixtures("aws_endpoint")
-def test_aws_backends(tmp_path: Path) -> None:
+def test_aws_backends(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     suffix = uuid.uuid4().hex[:8]
     settings = Settings(data_dir=tmp_path, queue=f"sqs://chaos-{suffix}?wait=1", store=f"dynamodb://chaos_{suffix}",
                         blobs=f"s3://chaos-{suffix}/results")
@@ -63,7 +65,7 @@ def test_aws_backends(tmp_path: Path) -> None:
     with open_backends(settings) as backends:
         tasks = chaos.run(backends)
         counts = audit(tasks, backends, chaos.counts)
-    report("aws (moto_server)", counts)
+    report("aws (moto_server)", counts, capsys)
     assert counts["tasks succeeded"] > 0
 
 
