@@ -9,8 +9,9 @@ import pytest
 
 from sdasync.backends.aws import s3 as s3_module
 from sdasync.backends.aws import sqs as sqs_module
-from sdasync.backends.aws.s3 import S3BlobStore, check_key
+from sdasync.backends.aws.s3 import S3BlobStore
 from sdasync.backends.aws.sqs import SqsQueue
+from sdasync.backends.keys import check_key
 from sdasync.backends.registry import resolve
 from sdasync.errors import ConfigError, RequestError
 

@@ -14,10 +14,7 @@ records, as in payloads, an integral float comes back as an equal int.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import decimal
-import json
 import math
 import re
 from collections.abc import Collection, Mapping
@@ -26,6 +23,8 @@ from typing import Any
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 
+from sdasync.backends.cursor import decode_cursor as _decode
+from sdasync.backends.cursor import encode_cursor as _encode
 from sdasync.errors import RequestError
 from sdasync.models import Api, Task, TaskError, TaskStatus, history_records
 
@@ -248,18 +247,12 @@ def conflict_message(current: Task, statuses: Collection[str], attempt: int | No
 def encode_cursor(sort_key: str, task_id: str, status: str | None) -> str:
     """An opaque cursor: the last task's index position (enough to rebuild ExclusiveStartKey) and the status
     filter of the listing it belongs to."""
-    raw = json.dumps({"k": sort_key, "t": task_id, "s": status}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return _encode({"k": sort_key, "t": task_id, "s": status})
 
 
 def decode_cursor(cursor: str, status: str | None) -> tuple[str, str]:
     """The (listKey, taskId) a cursor names. Raises RequestError for anything this store did not hand out."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        data = json.loads(raw)
-        sort_key, task_id, cursor_status = data["k"], data["t"], data["s"]
-    except (ValueError, TypeError, KeyError, binascii.Error) as exc:
-        raise RequestError("invalid cursor", field="cursor") from exc
+    sort_key, task_id, cursor_status = _decode(cursor, ("k", "t", "s"))
     if (not isinstance(sort_key, str) or not isinstance(task_id, str) or not _LIST_KEY_FORMAT.fullmatch(sort_key)
             or not sort_key.endswith(f"#{task_id}") or cursor_status != status):
         # A cursor from a listing of another status would start in another index partition: DynamoDB refuses it.

@@ -29,6 +29,7 @@ from typing import Any, Self
 from urllib.parse import quote, unquote, urlsplit
 
 from sdasync.backends.aws.client import aws_client, error_code, translate_errors
+from sdasync.backends.keys import check_key
 from sdasync.backends.urls import query_params
 from sdasync.errors import BackendError, BlobNotFound, ConfigError, RequestError
 
@@ -41,18 +42,6 @@ IMAGE_CACHE_CONTROL = "public, max-age=86400"
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-
-
-def check_key(key: str) -> None:
-    """Raise RequestError (field ``key``) unless ``key`` is a safe relative path, by FileBlobStore's rules."""
-    if not isinstance(key, str) or not key:
-        raise RequestError("blob key must be a non-empty string", field="key")
-    if "\\" in key or "\x00" in key:
-        raise RequestError(f"blob key {key!r} contains a backslash or NUL", field="key")
-    if key.startswith("/"):
-        raise RequestError(f"blob key {key!r} must be relative", field="key")
-    if any(segment in {"", ".", ".."} for segment in key.split("/")):
-        raise RequestError(f"blob key {key!r} has an empty, '.' or '..' segment", field="key")
 
 
 class S3BlobStore:

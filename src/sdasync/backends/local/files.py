@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import quote, urlsplit
 
+from sdasync.backends.keys import check_key
 from sdasync.backends.urls import path_from_url, query_params
 from sdasync.errors import BackendError, BlobNotFound, RequestError
 
@@ -43,14 +44,7 @@ class FileBlobStore:
 
     def path(self, key: str) -> Path:
         """The file for ``key``, which may not exist. Raises RequestError for an unsafe key."""
-        if not isinstance(key, str) or not key:
-            raise RequestError("blob key must be a non-empty string", field="key")
-        if "\\" in key or "\x00" in key:
-            raise RequestError(f"blob key {key!r} contains a backslash or NUL", field="key")
-        if key.startswith("/"):
-            raise RequestError(f"blob key {key!r} must be relative", field="key")
-        if any(segment in {"", ".", ".."} for segment in key.split("/")):
-            raise RequestError(f"blob key {key!r} has an empty, '.' or '..' segment", field="key")
+        check_key(key)
         path = self.root / key
         # The checks above stop lexical escapes; resolve() also follows symlinks that point outside the root.
         try:

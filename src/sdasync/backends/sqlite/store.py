@@ -13,8 +13,6 @@ A file made by an older version (without ``lease_until`` and ``history``) is upg
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import sqlite3
 import time
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from sdasync.backends.base import TaskPage, check_transition
+from sdasync.backends.cursor import decode_cursor, encode_cursor
 from sdasync.backends.sqlite.db import SqliteDatabase
 from sdasync.backends.urls import path_from_url, query_params
 from sdasync.errors import RequestError, TaskConflict, TaskNotFound
@@ -295,18 +294,12 @@ def _decode_task(row: tuple[Any, ...]) -> Task:
 
 
 def _encode_cursor(created_at: float, task_id: str, status: str | None) -> str:
-    raw = json.dumps({"c": created_at, "t": task_id, "s": status}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return encode_cursor({"c": created_at, "t": task_id, "s": status})
 
 
 def _decode_cursor(cursor: str, status: str | None) -> tuple[float, str]:
     """The position a cursor names. Raises RequestError for anything this store did not hand out."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        data = json.loads(raw)
-        created_at, task_id, cursor_status = data["c"], data["t"], data["s"]
-    except (ValueError, TypeError, KeyError, binascii.Error) as exc:
-        raise RequestError("invalid cursor", field="cursor") from exc
+    created_at, task_id, cursor_status = decode_cursor(cursor, ("c", "t", "s"))
     if (isinstance(created_at, bool) or not isinstance(created_at, int | float) or not isinstance(task_id, str)
             or cursor_status != status):
         # A cursor from a listing of another status would silently skip or repeat tasks.
