@@ -167,7 +167,9 @@ def _worker_args(args: argparse.Namespace, settings: Settings) -> list[str]:
     return ["--data-dir", str(settings.data_dir), "--queue", settings.queue_url, "--store", settings.store_url,
             "--blobs", settings.blobs_url, "--engine", settings.engine,
             "--visibility-timeout", str(settings.visibility_timeout), "--max-attempts", str(settings.max_attempts),
-            "--log-level", args.log_level]
+            "--log-level", args.log_level,
+            # Well inside the supervisor's 90 s before SIGKILL, so a long task is handed back, not killed.
+            "--drain-timeout", "75"]
 
 
 def cmd_api(args: argparse.Namespace, *, workers: int = 0) -> int:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Collection
 from typing import Any, Protocol
 
-from sdasync.errors import ConfigError, TaskNotFound
+from sdasync.errors import ConfigError, TaskConflict, TaskNotFound
 from sdasync.models import TaskStatus
 from sdasync.service import Backends
 
@@ -49,27 +49,33 @@ def redrive(backends: Backends, task_ids: Collection[str] | None = None, *, limi
     """Requeue the dead-lettered tasks named (all when None). Returns what happened to each."""
     report: list[dict[str, str]] = []
     move: list[str] = []
-    for letter in _dead_letters(backends, limit):
-        if task_ids is not None and letter.body not in task_ids:
-            continue
-        try:
-            task = backends.store.get(letter.body)
-        except TaskNotFound:
-            report.append({"taskId": letter.body, "result": "skipped: no such task"})
-            continue
-        if task.status is TaskStatus.FAILED:
-            marker = {"attempt": task.attempts, "worker": None, "startedAt": None, "endedAt": time.time(),
-                      "outcome": "redriven", "error": None}
-            backends.store.transition(task.task_id, expected={TaskStatus.FAILED}, to=TaskStatus.QUEUED, changes={
-                "finished_at": None, "history": (*task.history, marker)})
-        elif task.status.is_terminal:
-            report.append({"taskId": task.task_id, "result": f"skipped: {task.status.value}"})
-            continue
-        move.append(letter.message_id)
-        report.append({"taskId": task.task_id, "result": "requeued"})
-    if move:
-        queue: Any = backends.queue
-        queue.redrive(move)
+    try:
+        for letter in _dead_letters(backends, limit):
+            if task_ids is not None and letter.body not in task_ids:
+                continue
+            try:
+                task = backends.store.get(letter.body)
+                if task.status is TaskStatus.FAILED:
+                    marker = {"attempt": task.attempts, "worker": None, "startedAt": None, "endedAt": time.time(),
+                              "outcome": "redriven", "error": None}
+                    backends.store.transition(task.task_id, expected={TaskStatus.FAILED}, to=TaskStatus.QUEUED,
+                                              changes={"finished_at": None, "history": (*task.history, marker)})
+                elif task.status.is_terminal:
+                    report.append({"taskId": task.task_id, "result": f"skipped: {task.status.value}"})
+                    continue
+            except TaskNotFound:
+                report.append({"taskId": letter.body, "result": "skipped: no such task"})
+                continue
+            except TaskConflict:
+                report.append({"taskId": letter.body, "result": "skipped: it changed meanwhile; run again"})
+                continue
+            move.append(letter.message_id)
+            report.append({"taskId": task.task_id, "result": "requeued"})
+    finally:
+        # Whatever was requeued above gets its message back, even if a later task raised.
+        if move:
+            queue: Any = backends.queue
+            queue.redrive(move)
     missing = set(task_ids or ()) - {row["taskId"] for row in report}
     report += [{"taskId": task_id, "result": "skipped: not in the dead-letter queue"} for task_id in sorted(missing)]
     return report

@@ -17,7 +17,7 @@ from sdasync.backends.urls import url_for_path
 from sdasync.config import Settings
 from sdasync.engines.base import GenerationRequest, GenerationResult, Progress
 from sdasync.errors import EngineRejected, EngineUnavailable, GenerationCancelled, SdasyncError
-from sdasync.models import TaskStatus
+from sdasync.models import TaskError, TaskStatus
 from sdasync.service import Backends, TaskService, open_backends
 from sdasync.worker.loop import Worker, WorkerConfig
 
@@ -385,3 +385,69 @@ def test_drain_hands_a_long_task_back(backends: Backends, service: TaskService) 
     assert released.status is TaskStatus.QUEUED
     assert released.history[-1]["outcome"] == "released"
     assert backends.queue.depth().visible == 1  # handed back at once, not after the visibility timeout
+
+
+@pytest.fixture
+def tight(tmp_path: Path) -> Iterator[Backends]:
+    """A queue that dead-letters on the 4th receive: hand-backs must not walk a task into the DLQ."""
+    settings = Settings(data_dir=tmp_path, queue=url_for_path("sqlite", tmp_path / "q.db") + "?max_receives=4")
+    with open_backends(settings) as opened:
+        yield opened
+
+
+def test_hand_backs_never_walk_a_task_into_the_dead_letter_queue(tight: Backends) -> None:
+    service = TaskService(tight)
+    task = service.submit(BODY)
+
+    class Down(ScriptedEngine):
+        def health(self) -> dict[str, Any]:
+            return {"ok": False}
+
+    for _ in range(6):  # more hand-backs than the queue allows receives
+        worker = make_worker(tight, Down(failures=[EngineUnavailable("refused")]))
+        assert worker.handle(tight.queue.receive(visibility_timeout_s=5)[0]) == "released"
+    assert tight.queue.dead_letters() == []  # type: ignore[attr-defined]
+    drain(make_worker(tight, ScriptedEngine()))
+    assert service.get(task.task_id).status is TaskStatus.SUCCEEDED
+
+
+def test_a_contended_last_delivery_keeps_a_message(tight: Backends) -> None:
+    service = TaskService(tight)
+    task = service.submit(BODY)
+    tight.store.transition(task.task_id, expected={TaskStatus.QUEUED}, to=TaskStatus.RUNNING, attempt=0,
+                           changes={"attempts": 1, "lease_until": time.time() + 0.5})
+    message = tight.queue.receive()[0]
+    last = type(message)(message.message_id, message.body, message.receipt, receive_count=4)
+    assert make_worker(tight, ScriptedEngine()).handle(last) == "contended"
+    # The holder dies; once its lease has run out the fresh message lets another worker finish the task.
+    make_worker(tight, ScriptedEngine()).run(max_idle_s=3)
+    assert service.get(task.task_id).status is TaskStatus.SUCCEEDED
+
+
+def test_a_stop_while_waiting_gives_the_message_back(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    engine = ScriptedEngine()
+    worker = make_worker(backends, engine)
+
+    class StopOnReceive:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(backends.queue, name)
+
+        def receive(self, **kwargs: Any) -> Any:
+            messages = backends.queue.receive(**kwargs)
+            worker.request_stop()  # the stop arrives while the long poll returns a message
+            return messages
+
+    worker.queue = StopOnReceive()  # type: ignore[assignment]
+    worker.run()
+    assert engine.calls == 0
+    assert service.get(task.task_id).status is TaskStatus.QUEUED
+    assert backends.queue.depth().visible == 1
+
+
+def test_a_failed_task_redelivered_is_dead_lettered(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    backends.store.transition(task.task_id, expected={TaskStatus.QUEUED}, to=TaskStatus.FAILED, changes={
+        "error": TaskError("engine_unavailable", "down")})
+    assert make_worker(backends, ScriptedEngine()).handle(backends.queue.receive()[0]) == "duplicate"
+    assert [d.body for d in backends.queue.dead_letters()] == [task.task_id]  # type: ignore[attr-defined]

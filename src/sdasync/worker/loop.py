@@ -30,6 +30,7 @@ from sdasync.errors import (
     BlobNotFound,
     EngineUnavailable,
     GenerationCancelled,
+    ReceiptInvalid,
     SdasyncError,
     TaskConflict,
     TaskNotFound,
@@ -85,23 +86,35 @@ class Worker:
         self._engine_ready = False
         self._guard: AttemptGuard | None = None
         self._drain_timer: threading.Timer | None = None
+        self._drain_deadline: float | None = None
+        self._stop_lock = threading.Lock()
+        #: Set when the drain timeout has run out: any running or starting attempt is handed back.
+        self.drain_expired = threading.Event()
 
     def request_stop(self, *, drain_timeout_s: float | None = None) -> None:
         """Stop receiving; let the current task finish within the drain timeout, else interrupt it and hand it
-        back to the queue at once. Safe to call from a signal handler or another thread."""
-        if self.stop_event.is_set():
-            return
-        self.stop_event.set()
+        back to the queue at once. Safe to call from a signal handler or another thread; a later call with an
+        earlier deadline (a spot notice after a SIGTERM) moves the deadline up."""
         timeout = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
-        self._drain_timer = threading.Timer(timeout, self._interrupt_current, args=(DRAIN,))
-        self._drain_timer.daemon = True
-        self._drain_timer.start()
+        deadline = time.monotonic() + timeout
+        with self._stop_lock:
+            if self._drain_deadline is not None and self._drain_deadline <= deadline:
+                return
+            self._drain_deadline = deadline
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
+            self.stop_event.set()
+            self._drain_timer = threading.Timer(timeout, self._drain_expired)
+            self._drain_timer.daemon = True
+            self._drain_timer.start()
 
-    def _interrupt_current(self, reason: str) -> None:
+    def _drain_expired(self) -> None:
+        # The event first: an attempt that starts right now checks it after publishing its guard.
+        self.drain_expired.set()
         guard = self._guard
         if guard is not None:
-            log.warning("task %s: interrupted (%s)", guard.task.task_id, reason)
-            guard.interrupt(reason)
+            log.warning("task %s: drain timeout reached", guard.task.task_id)
+            guard.interrupt(DRAIN)
 
     def run(self, *, burst: bool = False, max_tasks: int | None = None, max_idle_s: float | None = None) -> int:
         """Process messages until stopped. ``burst``: leave when the queue has nothing visible; ``max_tasks``:
@@ -127,6 +140,11 @@ class Worker:
                     log.warning("receive failed: %s", exc)
                     self.stop_event.wait(self.config.wait_s)
                     continue
+                if self.stop_event.is_set():
+                    # Asked to stop while waiting: give back what just arrived instead of starting it.
+                    for message in messages:
+                        self.queue.nack(message.receipt, delay_s=0)
+                    break
                 if not messages:
                     if burst or (max_idle_s is not None and time.monotonic() - idle_since >= max_idle_s):
                         break
@@ -177,12 +195,20 @@ class Worker:
             # A backend failed mid-way: leave the message to reappear; the attempt number keeps the retry safe.
             log.warning("message %s left for redelivery: %s", message.message_id, exc)
             return self._count("deferred")
+        except Exception:  # a bug must not take the worker down with the task: the lease recovers it
+            log.exception("message %s: unexpected error; left for redelivery", message.message_id)
+            return self._count("deferred")
 
     def _handle(self, message: Message) -> str:
         try:
             task = self.store.get(message.body)
         except TaskNotFound:
             return self._unknown_task(message)
+        if task.status is TaskStatus.FAILED:
+            # Every failed task's message belongs in the dead-letter queue (where `dlq redrive` finds it); this
+            # delivery may be the one whose dead-lettering failed.
+            self.queue.dead_letter(message.receipt, reason=task.error.code if task.error else "failed")
+            return "duplicate"
         if task.status.is_terminal:
             self.queue.ack(message.receipt)
             return "duplicate"
@@ -222,23 +248,35 @@ class Worker:
 
     def _lost_claim(self, message: Message, exc: TaskConflict) -> str:
         current = exc.current
-        if (isinstance(current, Task) and current.status.is_terminal) or self._last_delivery(message):
-            # On its last delivery a copy is not put back: the live holder keeps the task and its own delivery.
+        if isinstance(current, Task) and current.status.is_terminal:
             self.queue.ack(message.receipt)
             return "duplicate"
         # Another worker holds the task under a live lease (a duplicate delivery, or its extend failed). Look
         # again when that lease would have run out: by then it is finished, or its holder is gone.
         lease = current.lease_until if isinstance(current, Task) and current.lease_until else time.time()
-        self.queue.nack(message.receipt, delay_s=min(max(1.0, lease - time.time() + 1.0), 43_200.0))
+        self._requeue(message, delay_s=max(1.0, lease - time.time() + 1.0))
         return "contended"
+
+    def _requeue(self, message: Message, *, delay_s: float) -> None:
+        """Make the task's message come back after ``delay_s``. On its last delivery, or when this delivery is no
+        longer current, a fresh message replaces it: putting it back would let the queue dead-letter it, or fail,
+        and either would leave the task with no message. A duplicate message is harmless by design."""
+        if not self._last_delivery(message):
+            try:
+                self.queue.nack(message.receipt, delay_s=min(delay_s, 43_200.0))
+                return
+            except ReceiptInvalid:
+                pass
+        self.queue.send(message.body, delay_s=min(delay_s, 900.0))
+        self.queue.ack(message.receipt)
 
     def _run(self, task: Task, message: Message) -> str:
         try:
             payload = load_payload(task, self.blobs)
-        except BlobNotFound:
-            error = TaskError("payload_missing", "the request's payload is gone from the blob store")
+        except (BlobNotFound, ValueError) as exc:
+            error = TaskError("payload_missing", f"the request's payload cannot be read from the blob store: {exc}")
             return self._finish_failed(task, message, error, history=(*task.history, record(task, "failed")),
-                                       attempt=task.attempts, dead_letter=False)
+                                       attempt=task.attempts)
         except SdasyncError as exc:
             return self._failed_attempt(task, message, exc)
         guard = AttemptGuard(queue=self.queue, store=self.store, task=task, receipt=message.receipt,
@@ -249,8 +287,8 @@ class Worker:
                                     is_cancelled=guard.interrupted, deadline_s=deadline)
         log.info("task %s attempt %d: generating", task.task_id, task.attempts)
         self._guard = guard
-        if self.stop_event.is_set() and self._drain_timer is not None and not self._drain_timer.is_alive():
-            guard.interrupt(DRAIN)  # the drain timeout ran out before this attempt began
+        if self.drain_expired.is_set():
+            guard.interrupt(DRAIN)  # the drain timeout ran out as this attempt began
         try:
             with guard:
                 try:
@@ -286,7 +324,8 @@ class Worker:
         if reason == DRAIN:
             return self._release(task, message, "the worker was stopped")
         if reason not in (CANCELLED, FENCED):
-            log.warning("task %s: the engine reported a cancel nobody asked for", task.task_id)
+            # Someone else interrupted the engine (a global WebUI interrupt): retry like any transient failure.
+            return self._failed_attempt(task, message, UnexpectedError("the engine stopped the generation unasked"))
         return self._after_conflict(task, message, keys=())
 
     def _release(self, task: Task, message: Message, why: str) -> str:
@@ -299,7 +338,7 @@ class Worker:
                                                                         error=TaskError("released", why)))})
         except TaskConflict:
             return self._after_conflict(task, message, keys=())
-        self.queue.nack(message.receipt, delay_s=0)
+        self._requeue(message, delay_s=0)
         log.info("task %s released: %s", task.task_id, why)
         return "released"
 
@@ -339,17 +378,18 @@ class Worker:
                                           "history": (*task.history, record(task, "retried", error=error))})
             except TaskConflict:
                 return self._after_conflict(task, message, keys=())
-            self.queue.nack(message.receipt, delay_s=delay)
+            self._requeue(message, delay_s=delay)
             return "retried"
         if exc.retryable:
             error = TaskError(exc.code, f"{exc.message} (gave up after {used} attempts)")
         log.error("task %s failed: %s", task.task_id, error.message)
         return self._finish_failed(task, message, error, history=(*task.history, record(task, "failed", error=error)),
-                                   attempt=task.attempts, dead_letter=exc.retryable)
+                                   attempt=task.attempts)
 
     def _finish_failed(self, task: Task, message: Message, error: TaskError, *,
-                       history: tuple[dict[str, Any], ...], attempt: int | None = None, dead_letter: bool = True,
+                       history: tuple[dict[str, Any], ...], attempt: int | None = None,
                        lease_expired_before: float | None = None) -> str:
+        """``failed``, and the message to the dead-letter queue, where ``sdasync dlq`` shows it."""
         try:
             self.store.transition(task.task_id, expected=QUEUED_OR_RUNNING, to=TaskStatus.FAILED,
                                   attempt=task.attempts if attempt is None else attempt,
@@ -360,10 +400,7 @@ class Worker:
             if isinstance(exc.current, Task) and not exc.current.status.is_terminal:
                 return self._lost_claim(message, exc)
             return self._after_conflict(task, message, keys=())
-        if dead_letter:
-            self.queue.dead_letter(message.receipt, reason=error.code)
-        else:
-            self.queue.ack(message.receipt)
+        self.queue.dead_letter(message.receipt, reason=error.code)
         return "failed"
 
     def backoff_s(self, attempt: int) -> float:
