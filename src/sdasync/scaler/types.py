@@ -33,8 +33,13 @@ class PolicyConfig:
     service_time_s: float | None = None
     #: Scale-out rate limit: at most this many workers added per decision (None: no limit beyond max_workers).
     max_scale_out_step: int | None = None
-    #: Scale in only after the queue has had no visible work for this long.
-    scale_in_cooldown_s: float = 300.0
+    #: Scale in only after the queue has had no visible work for this long. Short, because the policy never
+    #: removes a busy worker: a cooldown only has to absorb gaps between arrivals (the simulator's comparison uses
+    #: the same 60 s).
+    scale_in_cooldown_s: float = 60.0
+    #: Seconds from launch to a worker's first task (boot, driver, model load). Capacity bought now serves only
+    #: after this, so the policy sizes the backlog to drain in the part of the target wait that remains.
+    boot_time_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,9 @@ class PolicyState:
     desired: int = 0
     #: When visible or in-flight work was last seen (None: never).
     last_busy_at: float | None = None
+    #: When visible (or delayed) work was last seen (None: never). The scale-in cooldown counts from here:
+    #: in-flight work alone does not hold idle workers, it only sets the floor.
+    last_backlog_at: float | None = None
 
 
 @dataclass(frozen=True)
