@@ -17,6 +17,7 @@ from typing import Any
 
 from sdasync import __version__
 from sdasync.config import ENV_PREFIX, Limits, Settings, settings_from
+from sdasync.errors import ConfigError as SdasyncConfigError
 from sdasync.errors import SdasyncError
 
 log = logging.getLogger("sdasync")
@@ -84,11 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdasync", description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"sdasync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    from sdasync.simulate.command import add_parser as add_simulate  # pure Python: cheap to import
+
+    add_simulate(sub)
 
     serve = sub.add_parser("serve", help="the API and N workers in one command")
     _backend_options(serve)
     _api_options(serve)
     _opt(serve, "--workers", type=int, default=1, help="worker processes (default 1)")
+    _flag(serve, "--autoscale", help="start with no workers and grow to --max-workers with the queue (local:// "
+          "fleet), back to zero when it drains")
+    _opt(serve, "--max-workers", type=int, default=1, help="with --autoscale: the most workers (default 1)")
+    _opt(serve, "--backlog-per-worker", type=int, default=1, help="with --autoscale: queued + running tasks per "
+         "worker before another starts (default 1)")
+    _opt(serve, "--scale-in-cooldown", type=float, default=60.0, help="with --autoscale: seconds without work "
+         "before workers stop (default 60)")
+    _opt(serve, "--scale-interval", type=float, default=2.0, help="with --autoscale: seconds between scaling "
+         "decisions (default 2)")
 
     api = sub.add_parser("api", help="the HTTP API alone")
     _backend_options(api)
@@ -105,7 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
          "interrupted and retried (default: derived from steps, size and images)")
     _flag(worker, "--watch-spot", help="poll EC2 instance metadata (IMDSv2, SDASYNC_IMDS_URL) for spot "
           "interruption and rebalance notices, and drain on one")
+    _opt(worker, "--asg-protect", help="Auto Scaling group name: protect this instance from scale-in while it "
+         "has a task (instance id from IMDS or SDASYNC_INSTANCE_ID)")
     worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by serve's supervisor
+
+    scaler = sub.add_parser("scaler", help="size a fleet of workers to the queue")
+    scaler.add_argument("--queue", default=os.environ.get(_env("queue")), help=f"queue URL [{_env('queue')}]")
+    _opt(scaler, "--fleet", help="spotfleet://<request id>, asg://<group>, local://?max=N")
+    _opt(scaler, "--min", type=int, default=0, help="fewest workers (default 0)")
+    _opt(scaler, "--max", type=int, default=10, help="most workers (default 10)")
+    _opt(scaler, "--backlog-per-worker", type=int, default=5, help="queued + running tasks per worker (default 5)")
+    _opt(scaler, "--scale-in-cooldown", type=float, default=300.0, help="seconds without work before scaling in "
+         "(default 300)")
+    _opt(scaler, "--target-wait", type=float, default=300.0, help="seconds a task should wait at most (default 300)")
+    _opt(scaler, "--service-time", type=float, help="mean seconds per task, if known")
+    _opt(scaler, "--max-scale-out-step", type=int, help="most workers added per decision")
+    _opt(scaler, "--interval", type=float, default=30.0, help="seconds between decisions (default 30)")
+    _flag(scaler, "--once", help="make one decision, apply it and exit")
+    scaler.add_argument("--log-level", default=os.environ.get(_env("log-level"), "INFO"), type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help=f"[{_env('log-level')}]")
 
     submit = sub.add_parser("submit", help="submit a txt2img request to a running API")
     submit.add_argument("prompt")
@@ -173,6 +204,8 @@ def _worker_args(args: argparse.Namespace, settings: Settings) -> list[str]:
 
 
 def cmd_api(args: argparse.Namespace, *, workers: int = 0) -> int:
+    import threading
+
     import uvicorn
 
     from sdasync.api.app import create_app
@@ -181,11 +214,18 @@ def cmd_api(args: argparse.Namespace, *, workers: int = 0) -> int:
 
     settings = _settings(args)
     engine = open_backend("engine", settings.engine, models_dir=settings.models_dir)
-    supervisor = WorkerSupervisor(_worker_args(args, settings), workers) if workers else None
+    autoscale = bool(getattr(args, "autoscale", False))
+    # With --autoscale the supervisor starts empty and the scaler thread below resizes it.
+    supervisor = WorkerSupervisor(_worker_args(args, settings), 0 if autoscale else workers) \
+        if workers or autoscale else None
 
     checks: dict[str, Callable[[], dict[str, Any]]] = {"engine": engine.health}
     if supervisor is not None:
         checks["workers"] = supervisor.health
+    scaler_stop = threading.Event()
+    if autoscale and supervisor is not None:
+        scaler = _local_scaler(args, settings, supervisor)
+        checks["scaler"] = scaler.metrics
     app = create_app(settings, health_checks=checks)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                                            lifespan="on"))
@@ -202,14 +242,59 @@ def cmd_api(args: argparse.Namespace, *, workers: int = 0) -> int:
     signal.signal(signal.SIGTERM, after_server)
     if supervisor is not None:
         supervisor.start()
+    if autoscale and supervisor is not None:
+        scaler.start_thread(interval_s=args.scale_interval, stop=scaler_stop)
     try:
         server.run()
     finally:
         stopping = True
+        scaler_stop.set()
         if supervisor is not None:
             log.info("stopping workers")
             supervisor.stop()
     return 0 if server.started else 1
+
+
+def _local_scaler(args: argparse.Namespace, settings: Settings, supervisor: Any) -> Any:
+    from sdasync.backends.registry import open_backend
+    from sdasync.scaler.actuators.local import LocalScaler
+    from sdasync.scaler.loop import ScalerLoop
+    from sdasync.scaler.types import PolicyConfig
+
+    if args.max_workers < 1:
+        raise SdasyncConfigError(f"--max-workers must be at least 1, not {args.max_workers}")
+    # The scaler's own handle on the queue: the API's is opened by create_app and used from its threads.
+    queue = open_backend("queue", settings.queue_url).__enter__()
+    fleet = LocalScaler(max=args.max_workers, supervisor=supervisor)
+    config = PolicyConfig(min_workers=0, max_workers=args.max_workers, backlog_per_worker=args.backlog_per_worker,
+                          scale_in_cooldown_s=args.scale_in_cooldown)
+    return ScalerLoop(queue, fleet, config, name=f"local://?max={args.max_workers}")
+
+
+def cmd_scaler(args: argparse.Namespace) -> int:
+    import threading
+
+    from sdasync.backends.registry import open_backend
+    from sdasync.scaler.loop import ScalerLoop
+    from sdasync.scaler.types import PolicyConfig
+
+    if not args.queue or not args.fleet:
+        raise SdasyncConfigError("sdasync scaler needs --queue and --fleet")
+    if not 0 <= args.min <= args.max:
+        raise SdasyncConfigError(f"need 0 <= --min <= --max, got --min {args.min} --max {args.max}")
+    config = PolicyConfig(min_workers=args.min, max_workers=args.max, backlog_per_worker=args.backlog_per_worker,
+                          scale_in_cooldown_s=args.scale_in_cooldown, target_wait_s=args.target_wait,
+                          service_time_s=args.service_time, max_scale_out_step=args.max_scale_out_step)
+    # A local fleet runs workers on this queue, with the default local backends for the rest.
+    fleet_kwargs: dict[str, Any] = {"worker_args": ["--queue", args.queue]} \
+        if args.fleet.startswith("local:") else {}
+    with open_backend("queue", args.queue) as queue, open_backend("fleet", args.fleet, **fleet_kwargs) as fleet:
+        loop = ScalerLoop(queue, fleet, config, name=args.fleet)
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        loop.run(interval_s=args.interval, stop=stop, once=args.once)
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -265,6 +350,12 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from sdasync.simulate.command import run
+
+    return run(args)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from sdasync.client import Client
 
@@ -291,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "serve": lambda a: cmd_api(a, workers=a.workers), "api": cmd_api, "worker": cmd_worker,
         "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "aws": cmd_aws,
-        "dlq": cmd_dlq,
+        "dlq": cmd_dlq, "scaler": cmd_scaler, "simulate": cmd_simulate,
     }
     try:
         return commands[args.command](args)

@@ -2,6 +2,11 @@
 
 Workers start in their own session so a Ctrl-C in the terminal reaches only ``serve``, which then sends each
 worker exactly one SIGTERM: a worker takes a second signal as "exit now", which would skip its drain.
+
+``resize(n)`` changes N while running (the local fleet of ``serve --autoscale``): new workers start at once;
+extra ones get their one SIGTERM and move to a draining list, where they finish their task and are never
+restarted. Which worker is idle cannot be seen from here, so the newest go first: they have had the least time
+to pick up a long task, and the oldest keep their warm engines.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ class WorkerSupervisor:
         self.drain_timeout_s = drain_timeout_s
         self.check_interval_s = check_interval_s
         self.processes: list[subprocess.Popen[bytes]] = []
+        #: Workers told to stop by ``resize``: they drain and exit, and nobody restarts them.
+        self.draining: list[subprocess.Popen[bytes]] = []
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._watch, name="sdasync-supervisor", daemon=True)
@@ -36,6 +43,34 @@ class WorkerSupervisor:
             self.processes = [self._spawn() for _ in range(self.count)]
         self._thread.start()
 
+    def resize(self, count: int) -> None:
+        """Run ``count`` workers: start the missing ones, SIGTERM the newest extra ones (they drain)."""
+        if count < 0:
+            raise ValueError(f"worker count must be >= 0, not {count}")
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            if count != self.count:
+                log.info("workers: %d -> %d", self.count, count)
+            self.count = count
+            while len(self.processes) < count:
+                self.processes.append(self._spawn())
+            while len(self.processes) > count:
+                process = self.processes.pop()
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+                    self.draining.append(process)
+                    log.info("worker pid %d: draining", process.pid)
+
+    def draining_count(self) -> int:
+        with self._lock:
+            return self._reap_drained()
+
+    def _reap_drained(self) -> int:
+        # Popen.poll() also reaps the zombie, so a drained worker does not linger in the process table.
+        self.draining = [p for p in self.draining if p.poll() is None]
+        return len(self.draining)
+
     def _spawn(self) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(self.command, start_new_session=True)
         log.info("started worker pid %d", process.pid)
@@ -44,6 +79,7 @@ class WorkerSupervisor:
     def _watch(self) -> None:
         while not self._stopping.wait(self.check_interval_s):
             with self._lock:
+                self._reap_drained()
                 for i, process in enumerate(self.processes):
                     code = process.poll()
                     if code is None or self._stopping.is_set():
@@ -64,11 +100,13 @@ class WorkerSupervisor:
     def health(self) -> dict[str, object]:
         with self._lock:
             pids = [p.pid for p in self.processes if p.poll() is None]
-        return {"ok": bool(pids) or self.count == 0, "running": len(pids), "desired": self.count, "pids": pids}
+            draining = self._reap_drained()
+        return {"ok": bool(pids) or self.count == 0, "running": len(pids), "desired": self.count, "pids": pids,
+                "draining": draining}
 
     def kill(self) -> None:
         """SIGKILL every worker now. Takes no lock: it runs from a signal handler while ``stop`` holds it."""
-        for process in list(self.processes):
+        for process in [*self.processes, *self.draining]:
             if process.poll() is None:
                 process.kill()
 
@@ -80,7 +118,8 @@ class WorkerSupervisor:
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + self.drain_timeout_s
-            for process in self.processes:
+            # Draining workers already had their one SIGTERM; they are only waited for.
+            for process in [*self.processes, *self.draining]:
                 try:
                     process.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:

@@ -17,10 +17,20 @@ from .backends import BLOB_FACTORIES, QUEUE_FACTORIES, STORE_FACTORIES
 
 TABLES: dict[str, dict[str, Any]] = {"queue": QUEUE_FACTORIES, "store": STORE_FACTORIES, "blobs": BLOB_FACTORIES}
 ENGINE_CONTRACT = Path(__file__).with_name("test_engine_contract.py")
+FLEET_TESTS = Path(__file__).parents[1] / "integration" / "test_actuators.py"
 
 
 def test_every_registry_role_has_a_contract() -> None:
-    assert set(REGISTRY) == {*TABLES, "engine"}
+    assert set(REGISTRY) == {*TABLES, "engine", "fleet"}
+
+
+def test_every_registered_fleet_is_exercised_by_the_actuator_tests() -> None:
+    """Fleets change real capacity (moto_server, local processes), so their suite is written by hand: it must
+    open each scheme by URL (``"<scheme>://``)."""
+    assert FLEET_TESTS.exists(), f"{FLEET_TESTS} is missing"
+    text = FLEET_TESTS.read_text()
+    missing = sorted(scheme for scheme in REGISTRY["fleet"] if f'"{scheme}://' not in text)
+    assert not missing, f"{FLEET_TESTS.name} never opens {missing} (as \"<scheme>://...\")"
 
 
 @pytest.mark.parametrize("role", sorted(TABLES))

@@ -148,3 +148,15 @@ def test_workers_stop_when_serve_is_killed(procs: Processes, port: int, tmp_path
     serve.kill()
     serve.wait(timeout=10)
     wait_until(lambda: all(gone(pid) for pid in pids), timeout=30, message=f"orphaned workers {pids} kept running")
+
+
+def test_simulate_json(procs: Processes, tmp_path: Path) -> None:
+    done = procs.run("simulate", "--trace", "poisson", "--policy", "sdasync", "--policy", "keda", "--format", "json",
+                     "--plot", str(tmp_path / "plot.png"))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [r["policy"] for r in rows] == ["sdasync", "keda"]
+    for key in ("trace", "instance_hours", "wait_p50_s", "wait_p95_s", "wait_p99_s", "max_backlog", "interrupted"):
+        assert key in rows[0]
+    assert rows[0]["interrupted"] == 0
+    assert Image.open(tmp_path / "plot.png").format == "PNG"

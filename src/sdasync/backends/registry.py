@@ -31,6 +31,12 @@ REGISTRY: dict[str, dict[str, tuple[str, str | None]]] = {
         "webui+https": ("sdasync.engines.webui:WebuiEngine", None),
         "diffusers": ("sdasync.engines.diffusers:DiffusersEngine", "diffusers"),
     },
+    # What the scaler resizes (sdasync.scaler.actuators.base.Fleet).
+    "fleet": {
+        "spotfleet": ("sdasync.scaler.actuators.spotfleet:SpotFleetScaler", "aws"),
+        "asg": ("sdasync.scaler.actuators.asg:AsgScaler", "aws"),
+        "local": ("sdasync.scaler.actuators.local:LocalScaler", None),
+    },
 }
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from sdasync.backends.registry import open_backend
 from sdasync.config import Settings
@@ -15,6 +16,9 @@ from sdasync.errors import ConfigError
 from sdasync.service import open_backends
 from sdasync.worker.interruption import SpotInterruptionWatcher
 from sdasync.worker.loop import Worker, WorkerConfig
+
+if TYPE_CHECKING:
+    from sdasync.scaler.actuators.asg import InstanceProtection
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +35,9 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError(f"the queue dead-letters a message after {backends.queue.max_receives} receives, "
                               f"which leaves no room for --max-attempts {settings.max_attempts}; raise the "
                               f"queue's max_receives above it")
+        protection = _asg_protection(args)
         worker = Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, engine=engine,
-                        config=config)
+                        config=config, on_busy=protection.busy if protection is not None else None)
         install_stop_handlers(worker.request_stop)
         if args.parent_pid:
             from sdasync.supervisor import watch_parent
@@ -44,7 +49,19 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             if watcher is not None:
                 watcher.stop()
+            if protection is not None:
+                protection.close()
     return worker.exit_code
+
+
+def _asg_protection(args: argparse.Namespace) -> InstanceProtection | None:
+    """Scale-in protection while busy, for workers in an Auto Scaling group (see scaler/actuators/asg.py)."""
+    group = getattr(args, "asg_protect", None)
+    if not group:
+        return None
+    from sdasync.scaler.actuators.asg import InstanceProtection, instance_id_from_imds
+
+    return InstanceProtection(group, instance_id_from_imds())
 
 
 def _spot_watcher(args: argparse.Namespace, worker: Worker, config: WorkerConfig) -> SpotInterruptionWatcher | None:

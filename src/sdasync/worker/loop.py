@@ -20,6 +20,7 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +72,10 @@ class WorkerConfig:
 
 class Worker:
     def __init__(self, *, queue: Queue, store: TaskStore, blobs: BlobStore, engine: Engine,
-                 config: WorkerConfig | None = None) -> None:
+                 config: WorkerConfig | None = None, on_busy: Callable[[bool], None] | None = None) -> None:
         self.queue = queue
+        #: Told True when a task arrives and False when a receive comes back empty (ASG scale-in protection).
+        self.on_busy = on_busy
         self.store = store
         self.blobs = blobs
         self.engine = engine
@@ -145,6 +148,8 @@ class Worker:
                     for message in messages:
                         self.queue.nack(message.receipt, delay_s=0)
                     break
+                if self.on_busy is not None:
+                    self.on_busy(bool(messages))
                 if not messages:
                     if burst or (max_idle_s is not None and time.monotonic() - idle_since >= max_idle_s):
                         break
