@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(scaler, "--min", type=int, default=0, help="fewest workers (default 0)")
     _opt(scaler, "--max", type=int, default=10, help="most workers (default 10)")
     _opt(scaler, "--backlog-per-worker", type=int, default=5, help="queued + running tasks per worker (default 5)")
-    _opt(scaler, "--scale-in-cooldown", type=float, default=300.0, help="seconds without work before scaling in "
-         "(default 300)")
+    _opt(scaler, "--scale-in-cooldown", type=float, default=60.0, help="seconds without work before idle workers "
+         "go (default 60; busy ones never do)")
     _opt(scaler, "--target-wait", type=float, default=300.0, help="seconds a task should wait at most (default 300)")
     _opt(scaler, "--service-time", type=float, help="mean seconds per task, if known")
     _opt(scaler, "--max-scale-out-step", type=int, help="most workers added per decision")
