@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(scaler, "--scale-in-cooldown", type=float, default=60.0, help="seconds without work before idle workers "
          "go (default 60; busy ones never do)")
     _opt(scaler, "--target-wait", type=float, default=300.0, help="seconds a task should wait at most (default 300)")
-    _opt(scaler, "--service-time", type=float, help="mean seconds per task, if known")
+    _opt(scaler, "--service-time", type=float, help="mean seconds per task, if known: sizes for the wait target")
+    _opt(scaler, "--boot-time", type=float, default=0.0, help="seconds from launch to a ready worker (default 0)")
     _opt(scaler, "--max-scale-out-step", type=int, help="most workers added per decision")
     _opt(scaler, "--interval", type=float, default=30.0, help="seconds between decisions (default 30)")
     _flag(scaler, "--once", help="make one decision, apply it and exit")
@@ -257,7 +258,7 @@ def cmd_api(args: argparse.Namespace, *, workers: int = 0) -> int:
 
 def _local_scaler(args: argparse.Namespace, settings: Settings, supervisor: Any) -> Any:
     from sdasync.backends.registry import open_backend
-    from sdasync.scaler.actuators.local import LocalScaler
+    from sdasync.scaler.actuators.local import LocalScaler, running_worker_pids
     from sdasync.scaler.loop import ScalerLoop
     from sdasync.scaler.types import PolicyConfig
 
@@ -265,6 +266,8 @@ def _local_scaler(args: argparse.Namespace, settings: Settings, supervisor: Any)
         raise SdasyncConfigError(f"--max-workers must be at least 1, not {args.max_workers}")
     # The scaler's own handle on the queue: the API's is opened by create_app and used from its threads.
     queue = open_backend("queue", settings.queue_url).__enter__()
+    store = open_backend("store", settings.store_url).__enter__()
+    supervisor.busy_pids = lambda: running_worker_pids(store)
     fleet = LocalScaler(max=args.max_workers, supervisor=supervisor)
     config = PolicyConfig(min_workers=0, max_workers=args.max_workers, backlog_per_worker=args.backlog_per_worker,
                           scale_in_cooldown_s=args.scale_in_cooldown)
@@ -282,9 +285,14 @@ def cmd_scaler(args: argparse.Namespace) -> int:
         raise SdasyncConfigError("sdasync scaler needs --queue and --fleet")
     if not 0 <= args.min <= args.max:
         raise SdasyncConfigError(f"need 0 <= --min <= --max, got --min {args.min} --max {args.max}")
+    if args.max_scale_out_step is not None and args.max_scale_out_step < 1:
+        raise SdasyncConfigError("--max-scale-out-step must be at least 1")
+    if args.once and args.fleet.startswith("local:"):
+        raise SdasyncConfigError("--once with local:// would stop the workers it starts as it exits")
     config = PolicyConfig(min_workers=args.min, max_workers=args.max, backlog_per_worker=args.backlog_per_worker,
                           scale_in_cooldown_s=args.scale_in_cooldown, target_wait_s=args.target_wait,
-                          service_time_s=args.service_time, max_scale_out_step=args.max_scale_out_step)
+                          service_time_s=args.service_time, max_scale_out_step=args.max_scale_out_step,
+                          boot_time_s=args.boot_time)
     # A local fleet runs workers on this queue, with the default local backends for the rest.
     fleet_kwargs: dict[str, Any] = {"worker_args": ["--queue", args.queue]} \
         if args.fleet.startswith("local:") else {}

@@ -33,6 +33,8 @@ class WorkerSupervisor:
         self.processes: list[subprocess.Popen[bytes]] = []
         #: Workers told to stop by ``resize``: they drain and exit, and nobody restarts them.
         self.draining: list[subprocess.Popen[bytes]] = []
+        #: Pids of workers holding a task, when known (serve --autoscale reads them from the task store).
+        self.busy_pids: Callable[[], set[int]] | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._watch, name="sdasync-supervisor", daemon=True)
@@ -55,12 +57,28 @@ class WorkerSupervisor:
             self.count = count
             while len(self.processes) < count:
                 self.processes.append(self._spawn())
-            while len(self.processes) > count:
-                process = self.processes.pop()
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-                    self.draining.append(process)
-                    log.info("worker pid %d: draining", process.pid)
+            if len(self.processes) > count:
+                busy = self._busy()
+                # Idle workers go first (newest first), busy ones only if there are not enough idle ones: a
+                # busy worker drains too, but it may have to hand its task back.
+                order = sorted(range(len(self.processes)), key=lambda i: (self.processes[i].pid in busy, -i))
+                leaving = set(order[:len(self.processes) - count])
+                for i in sorted(leaving):
+                    process = self.processes[i]
+                    if process.poll() is None:
+                        process.send_signal(signal.SIGTERM)
+                        self.draining.append(process)
+                        log.info("worker pid %d: draining", process.pid)
+                self.processes = [p for i, p in enumerate(self.processes) if i not in leaving]
+
+    def _busy(self) -> set[int]:
+        if self.busy_pids is None:
+            return set()
+        try:
+            return set(self.busy_pids())
+        except Exception as exc:  # without the information, fall back to the newest-first order
+            log.warning("cannot tell busy workers from idle ones: %s", exc)
+            return set()
 
     def draining_count(self) -> int:
         with self._lock:

@@ -10,7 +10,7 @@ import pytest
 
 from sdasync.scaler.types import PolicyConfig
 from sdasync.simulate import peers, traces
-from sdasync.simulate.command import add_parser, run
+from sdasync.simulate.command import add_parser, policy_config, run
 from sdasync.simulate.engine import SimConfig, percentile, simulate
 from sdasync.simulate.report import cheapest_meeting_target, compare
 
@@ -33,10 +33,8 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> list[dict[str, o
 def defaults() -> list[dict[str, object]]:
     """The three built-in traces, all four policies, every default: the comparison docs/performance.md shows."""
     args = parse()
-    policy = PolicyConfig(min_workers=args.min_workers, max_workers=args.max_workers,
-                          backlog_per_worker=args.backlog_per_worker, target_wait_s=args.target_wait,
-                          scale_in_cooldown_s=args.scale_in_cooldown, boot_time_s=args.boot_delay)
-    results = compare(traces.BUILTIN, peers.NAMES, policy, SimConfig(seed=args.seed))
+    results = compare(traces.BUILTIN, peers.NAMES, policy_config(args), SimConfig(seed=args.seed),
+                      service_mean_s=args.service_time)
     return [r.to_json() for r in results]
 
 

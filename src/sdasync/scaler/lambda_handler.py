@@ -3,8 +3,8 @@
 
 Settings come from the environment: ``SDASYNC_QUEUE`` (``sqs://…``), ``SDASYNC_FLEET`` (``spotfleet://…`` or
 ``asg://…``), ``SDASYNC_MIN_WORKERS`` (default 0), ``SDASYNC_MAX_WORKERS`` (10), ``SDASYNC_BACKLOG_PER_WORKER``
-(5), ``SDASYNC_SCALE_IN_COOLDOWN`` (seconds, 300), ``SDASYNC_TARGET_WAIT`` (seconds, 300),
-``SDASYNC_SERVICE_TIME`` (seconds, unset), ``SDASYNC_MAX_SCALE_OUT_STEP`` (unset).
+(5), ``SDASYNC_SCALE_IN_COOLDOWN`` (seconds, 60), ``SDASYNC_BOOT_TIME`` (seconds, 0), ``SDASYNC_TARGET_WAIT``
+(seconds, 300), ``SDASYNC_SERVICE_TIME`` (seconds, unset), ``SDASYNC_MAX_SCALE_OUT_STEP`` (unset).
 
 State between invocations: the loop (queue, fleet and PolicyState) lives at module level, so a warm container
 carries the policy's memory from one minute to the next. A cold start has none and rebuilds it from the
@@ -41,7 +41,8 @@ def _number(name: str, default: float | None, kind: type[int] | type[float] = in
 def config_from_env() -> PolicyConfig:
     return PolicyConfig(min_workers=_number("MIN_WORKERS", 0), max_workers=_number("MAX_WORKERS", 10),
                         backlog_per_worker=_number("BACKLOG_PER_WORKER", 5),
-                        scale_in_cooldown_s=_number("SCALE_IN_COOLDOWN", 300.0, float),
+                        scale_in_cooldown_s=_number("SCALE_IN_COOLDOWN", 60.0, float),
+                        boot_time_s=_number("BOOT_TIME", 0.0, float),
                         target_wait_s=_number("TARGET_WAIT", 300.0, float),
                         service_time_s=_number("SERVICE_TIME", None, float),
                         max_scale_out_step=_number("MAX_SCALE_OUT_STEP", None))

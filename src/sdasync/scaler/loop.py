@@ -120,11 +120,11 @@ class ScalerLoop:
             started = time.monotonic()
             try:
                 self.tick()
-            except SdasyncError as exc:
+            except Exception as exc:  # the scaler must outlive any one failure, not freeze the fleet silently
                 if once:
                     raise
                 self.errors += 1
-                log.warning("scaler tick failed: %s", exc)
+                log.warning("scaler tick failed: %s", exc, exc_info=not isinstance(exc, SdasyncError))
             if once:
                 return
             if stop.wait(max(0.0, interval_s - (time.monotonic() - started))):

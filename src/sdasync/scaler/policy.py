@@ -75,7 +75,7 @@ def decide(obs: Observation, config: PolicyConfig, state: PolicyState | None = N
     if need > capacity:
         if capacity == 0:
             # Work with no worker at all: the first one goes now, whatever the rate limit says.
-            step = max(config.max_scale_out_step or need, 1)
+            step = max(need if config.max_scale_out_step is None else config.max_scale_out_step, 1)
         else:
             step = config.max_scale_out_step if config.max_scale_out_step is not None else need
         target = min(need, capacity + step)

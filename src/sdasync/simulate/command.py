@@ -54,11 +54,10 @@ def run(args: argparse.Namespace) -> int:
         print("sdasync simulate: --service-time and --interval must be > 0, --boot-delay and "
               "--spot-interruption-rate >= 0", file=sys.stderr)
         return 2
-    # The operator knows how long an instance takes to boot, so sdasync's policy is told; the peers have no
-    # such setting in the systems they model.
-    policy = PolicyConfig(min_workers=args.min_workers, max_workers=args.max_workers,
-                          backlog_per_worker=args.backlog_per_worker, target_wait_s=args.target_wait,
-                          scale_in_cooldown_s=args.scale_in_cooldown, boot_time_s=args.boot_delay)
+    # sdasync is configured as an operator would run `sdasync scaler`: with the model's mean time per task
+    # (--service-time) and the instances' boot time (--boot-time), both known before deploying. Nothing is
+    # learned from the simulation's own truth. The peers have no such settings in the systems they model.
+    policy = policy_config(args)
     sim = SimConfig(boot_delay_s=args.boot_delay, interval_s=args.interval,
                     spot_rate_per_hour=args.spot_interruption_rate, price_per_hour=args.price, tail_s=args.tail,
                     target_wait_s=args.target_wait, seed=args.seed)
@@ -77,3 +76,11 @@ def run(args: argparse.Namespace) -> int:
 
         plot(results, args.plot)
     return 0
+
+
+def policy_config(args: argparse.Namespace) -> PolicyConfig:
+    """sdasync's configuration for a run, as an operator would pass it to ``sdasync scaler``."""
+    return PolicyConfig(min_workers=args.min_workers, max_workers=args.max_workers,
+                        backlog_per_worker=args.backlog_per_worker, target_wait_s=args.target_wait,
+                        scale_in_cooldown_s=args.scale_in_cooldown, boot_time_s=args.boot_delay,
+                        service_time_s=args.service_time)

@@ -13,7 +13,7 @@ How the simulator takes instances away differs, because it differs in the real s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from sdasync.scaler.policy import decide
@@ -34,7 +34,8 @@ class SimPolicy(Protocol):
 
 @dataclass
 class SdasyncPolicy:
-    """:func:`sdasync.scaler.policy.decide`, fed the mean service time of the tasks completed so far."""
+    """:func:`sdasync.scaler.policy.decide` with its configuration as given (service and boot time included, as
+    ``sdasync scaler --service-time --boot-time`` takes them); it learns nothing from the simulation."""
 
     config: PolicyConfig
     name: str = "sdasync"
@@ -42,10 +43,7 @@ class SdasyncPolicy:
     state: PolicyState | None = None
 
     def decide(self, obs: Observation, service_estimate_s: float | None) -> int:
-        config = self.config
-        if service_estimate_s is not None and config.service_time_s is None:
-            config = replace(config, service_time_s=service_estimate_s)
-        decision = decide(obs, config, self.state)
+        decision = decide(obs, self.config, self.state)
         self.state = decision.state
         return decision.desired
 
@@ -107,7 +105,8 @@ class TargetTrackingPolicy:
     """SageMaker asynchronous inference as AWS's sample configures it.
 
     Target tracking on ApproximateBacklogSizePerInstance (queued + processing per instance) with the target
-    ``target_per_instance``: out after 3 one-minute datapoints above target (300 s scale-out cooldown), in after
+    ``target_per_instance``: out after 3 one-minute datapoints above target (its 300 s scale-out cooldown does not
+stop a further scale-out that the metric asks for, as Application Auto Scaling documents), in after
     15 datapoints below 90% of it (600 s scale-in cooldown), to ceil(backlog / target) -- zero when the backlog
     is gone. Target tracking cannot leave zero (the metric is per instance), so a step policy on
     HasBacklogWithoutCapacity adds one instance after 2 datapoints of backlog with no instance."""
@@ -135,7 +134,9 @@ class TargetTrackingPolicy:
         self.above = self.above + 1 if per_instance > self.target_per_instance else 0
         self.below = self.below + 1 if per_instance < 0.9 * self.target_per_instance else 0
         wanted = min(math.ceil(backlog / self.target_per_instance), self.max_workers)
-        if self.above >= 3 and wanted > self.desired and obs.now - self.last_out_at >= 300:
+        # Application Auto Scaling keeps scaling out during the scale-out cooldown when the metric asks for more
+        # than the capacity already added (that capacity counts in `desired`): the cooldown does not freeze it.
+        if self.above >= 3 and wanted > self.desired:
             self.desired, self.last_out_at, self.above = wanted, obs.now, 0
         elif self.below >= 15 and wanted < self.desired and obs.now - self.last_in_at >= 600:
             self.desired, self.last_in_at, self.below = wanted, obs.now, 0

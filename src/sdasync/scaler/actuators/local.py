@@ -49,7 +49,8 @@ class LocalScaler:
         if not self._started:
             self.supervisor.start()
             self._started = True
-        self.supervisor.resize(min(n, self.max))
+        # Draining workers still hold their GPU memory until they exit: they count against the cap.
+        self.supervisor.resize(max(0, min(n, self.max - self.supervisor.draining_count())))
 
     def close(self) -> None:
         if self._owns_supervisor and self._started:
@@ -61,3 +62,18 @@ class LocalScaler:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def running_worker_pids(store: Any) -> set[int]:
+    """Pids of this host's workers that hold a running task, read from the task store (a worker's id is
+    ``<hostname>-<pid>``): scale-in drains idle workers before busy ones."""
+    import socket
+
+    from sdasync.models import TaskStatus
+
+    prefix = f"{socket.gethostname()}-"
+    pids = set()
+    for task in store.list(status=TaskStatus.RUNNING, limit=1000).tasks:
+        if task.worker and task.worker.startswith(prefix) and task.worker[len(prefix):].isdigit():
+            pids.add(int(task.worker[len(prefix):]))
+    return pids
