@@ -141,6 +141,38 @@ def history_records(value: Any) -> list[dict[str, Any]]:
     return [dict(record) for record in value]
 
 
+def plain_field(name: str, value: Any) -> Any:
+    """A mutable field's value as plain data (lists, dicts, numbers, strings, None) for a store to encode: one
+    rule for every store. Raises ValueError for a value of the wrong shape."""
+    if name == "images":
+        if isinstance(value, str) or not all(isinstance(key, str) for key in value):
+            raise ValueError("images must be a sequence of blob keys")
+        return list(value)
+    if name == "error":
+        if value is None:
+            return None
+        try:
+            error = value if isinstance(value, TaskError) else TaskError.from_dict(value)
+        except (KeyError, TypeError) as exc:
+            raise ValueError("error must be a TaskError, a {code, message} mapping or None") from exc
+        return error.to_dict()
+    if name in {"info", "progress"}:
+        if value is not None and not isinstance(value, Mapping):
+            raise ValueError(f"{name} must be a mapping or None")
+        return None if value is None else dict(value)
+    if name == "attempts":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("attempts must be an integer")
+        return value
+    if name in {"started_at", "finished_at", "lease_until"}:
+        return None if value is None else float(value)
+    if name == "worker":
+        return None if value is None else str(value)
+    if name == "history":
+        return history_records(value)
+    raise ValueError(f"not a mutable task field: {name!r}")
+
+
 def new_task_id() -> str:
     """A random, URL-safe id whose prefix sorts by creation time (uuid7-like)."""
     ms = int(time.time() * 1000)

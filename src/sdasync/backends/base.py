@@ -166,3 +166,14 @@ def check_transition(expected: Collection[TaskStatus], to: TaskStatus) -> None:
     bad = [s for s in expected if not can_transition(s, to)]
     if bad:
         raise ValueError(f"transition not allowed: {sorted(bad)} -> {to}")
+
+
+def check_changes(changes: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``changes`` as a dict; ValueError for a field that is not in ``models.MUTABLE_FIELDS``."""
+    from sdasync.models import MUTABLE_FIELDS
+
+    checked = dict(changes or {})
+    unknown = set(checked) - MUTABLE_FIELDS
+    if unknown:
+        raise ValueError(f"not a mutable task field: {sorted(unknown)}")
+    return checked

@@ -95,3 +95,24 @@ def _status(exc: BaseException) -> int:
     if isinstance(response, dict):
         return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
     return 0
+
+
+class LazyClient:
+    """A boto3 client made on first use (so ``from_url`` and constructors stay offline), closed by ``close()`` only
+    when it was made here: an injected client belongs to the caller."""
+
+    def __init__(self, service: str, *, region: str | None = None, client: Any = None) -> None:
+        self.service = service
+        self.region = region
+        self._client = client
+        self._owns = client is None
+
+    def get(self) -> Any:
+        if self._client is None:
+            self._client = aws_client(self.service, region=self.region)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None and self._owns:
+            self._client.close()
+            self._client = None

@@ -26,7 +26,7 @@ from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from sdasync.backends.cursor import decode_cursor as _decode
 from sdasync.backends.cursor import encode_cursor as _encode
 from sdasync.errors import RequestError
-from sdasync.models import Api, Task, TaskError, TaskStatus, history_records
+from sdasync.models import Api, Task, TaskError, TaskStatus, plain_field
 
 #: The table's partition key, as the original README created it (``sd_tasks``, ``taskId`` string).
 KEY = "taskId"
@@ -115,34 +115,8 @@ def deserialize(attribute: Mapping[str, Any]) -> Any:
 
 def encode_change(name: str, value: Any) -> Any:
     """A mutable field's plain attribute value, or None to remove the attribute. Raises ValueError for a value of
-    the wrong shape (the same rules as the SQLite store)."""
-    if name == "images":
-        if isinstance(value, str) or not all(isinstance(key, str) for key in value):
-            raise ValueError("images must be a sequence of blob keys")
-        return list(value)
-    if name == "error":
-        if value is None:
-            return None
-        try:
-            error = value if isinstance(value, TaskError) else TaskError.from_dict(value)
-        except (KeyError, TypeError) as exc:
-            raise ValueError("error must be a TaskError, a {code, message} mapping or None") from exc
-        return error.to_dict()
-    if name in {"info", "progress"}:
-        if value is not None and not isinstance(value, Mapping):
-            raise ValueError(f"{name} must be a mapping or None")
-        return None if value is None else dict(value)
-    if name == "attempts":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError("attempts must be an integer")
-        return value
-    if name in {"started_at", "finished_at", "lease_until"}:
-        return None if value is None else float(value)
-    if name == "worker":
-        return None if value is None else str(value)
-    if name == "history":
-        return history_records(value)  # a list of maps; an empty one stays, like images
-    raise ValueError(f"not a mutable task field: {name!r}")  # pragma: no cover - callers check MUTABLE_FIELDS
+    the wrong shape (``models.plain_field``: the same rules as every store)."""
+    return plain_field(name, value)
 
 
 def task_to_item(task: Task, *, retention_s: float) -> dict[str, Any]:

@@ -69,10 +69,10 @@ from sdasync.backends.aws.dynamo_items import (
     transition_condition,
     update_expression,
 )
-from sdasync.backends.base import TaskPage, check_transition
+from sdasync.backends.base import TaskPage, check_changes, check_transition
 from sdasync.backends.urls import query_params
 from sdasync.errors import BackendError, BackendRefused, ConfigError, RequestError, TaskConflict, TaskNotFound
-from sdasync.models import MUTABLE_FIELDS, Task, TaskStatus
+from sdasync.models import Task, TaskStatus
 
 MAX_LIMIT = 1000
 _TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{3,255}")
@@ -150,10 +150,7 @@ class DynamoTaskStore:
                    attempt: int | None = None, changes: Mapping[str, Any] | None = None,
                    lease_expired_before: float | None = None) -> Task:
         check_transition(expected, to)
-        changes = dict(changes or {})
-        unknown = set(changes) - MUTABLE_FIELDS
-        if unknown:
-            raise ValueError(f"not a mutable task field: {sorted(unknown)}")
+        changes = check_changes(changes)
         now = self._clock()
         sets: dict[str, Any] = {"status": str(TaskStatus(to)), "updatedAt": float(now)}
         removes: list[str] = []

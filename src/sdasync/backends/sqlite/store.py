@@ -21,12 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
-from sdasync.backends.base import TaskPage, check_transition
+from sdasync.backends.base import TaskPage, check_changes, check_transition
 from sdasync.backends.cursor import decode_cursor, encode_cursor
 from sdasync.backends.sqlite.db import SqliteDatabase
 from sdasync.backends.urls import path_from_url, query_params
 from sdasync.errors import RequestError, TaskConflict, TaskNotFound
-from sdasync.models import MUTABLE_FIELDS, Api, Task, TaskError, TaskStatus, history_records
+from sdasync.models import Api, Task, TaskError, TaskStatus, plain_field
 
 SCHEMA = (
     """
@@ -109,10 +109,7 @@ class SqliteTaskStore:
                    attempt: int | None = None, changes: Mapping[str, Any] | None = None,
                    lease_expired_before: float | None = None) -> Task:
         check_transition(expected, to)
-        changes = dict(changes or {})
-        unknown = set(changes) - MUTABLE_FIELDS
-        if unknown:
-            raise ValueError(f"not a mutable task field: {sorted(unknown)}")
+        changes = check_changes(changes)
         assignments = {"status": str(TaskStatus(to)), "updated_at": self._clock()}
         assignments.update({name: _encode_field(name, value) for name, value in changes.items()})
         statuses = sorted({str(TaskStatus(s)) for s in expected})
@@ -228,35 +225,14 @@ def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"))
 
 
+#: Fields kept as JSON text; the others are plain columns.
+_JSON_FIELDS = frozenset({"images", "error", "info", "progress", "history"})
+
+
 def _encode_field(name: str, value: Any) -> Any:
     """A mutable field's column value. Raises ValueError for a value of the wrong shape."""
-    if name == "images":
-        if isinstance(value, str) or not all(isinstance(key, str) for key in value):
-            raise ValueError("images must be a sequence of blob keys")
-        return _json(list(value))
-    if name == "error":
-        if value is None:
-            return None
-        try:
-            error = value if isinstance(value, TaskError) else TaskError.from_dict(value)
-        except (KeyError, TypeError) as exc:
-            raise ValueError("error must be a TaskError, a {code, message} mapping or None") from exc
-        return _json(error.to_dict())
-    if name in {"info", "progress"}:
-        if value is not None and not isinstance(value, Mapping):
-            raise ValueError(f"{name} must be a mapping or None")
-        return _json(None if value is None else dict(value))
-    if name == "attempts":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError("attempts must be an integer")
-        return value
-    if name in {"started_at", "finished_at", "lease_until"}:
-        return None if value is None else float(value)
-    if name == "worker":
-        return None if value is None else str(value)
-    if name == "history":
-        return _json(history_records(value))
-    raise ValueError(f"not a mutable task field: {name!r}")  # pragma: no cover - callers check MUTABLE_FIELDS
+    plain = plain_field(name, value)
+    return _json(plain) if name in _JSON_FIELDS else plain
 
 
 def _encode_task(task: Task) -> tuple[Any, ...]:

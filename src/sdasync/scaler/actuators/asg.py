@@ -42,7 +42,7 @@ import urllib.request
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from sdasync.backends.aws.client import aws_client, translate_errors
+from sdasync.backends.aws.client import LazyClient, translate_errors
 from sdasync.backends.urls import query_params
 from sdasync.errors import ConfigError, SdasyncError
 
@@ -59,8 +59,7 @@ class AsgScaler:
     def __init__(self, group: str, *, region: str | None = None, client: Any = None) -> None:
         self.group = group
         self.region = region
-        self._client = client
-        self._owns_client = client is None
+        self._aws = LazyClient("autoscaling", region=region, client=client)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Self:
@@ -71,9 +70,7 @@ class AsgScaler:
 
     @property
     def client(self) -> Any:
-        if self._client is None:
-            self._client = aws_client("autoscaling", region=self.region)
-        return self._client
+        return self._aws.get()
 
     def describe(self) -> dict[str, Any]:
         with translate_errors(f"describe Auto Scaling group {self.group}"):
@@ -110,9 +107,7 @@ class AsgScaler:
                                              HonorCooldown=False)
 
     def close(self) -> None:
-        if self._client is not None and self._owns_client:
-            self._client.close()
-            self._client = None
+        self._aws.close()
 
     def __enter__(self) -> Self:
         return self
@@ -131,8 +126,7 @@ class InstanceProtection:
     def __init__(self, group: str, instance_id: str, *, region: str | None = None, client: Any = None) -> None:
         self.group = group
         self.instance_id = instance_id
-        self._client = client or aws_client("autoscaling", region=region)
-        self._owns_client = client is None
+        self._aws = LazyClient("autoscaling", region=region, client=client)
         self._protected: bool | None = None
         self._lock = threading.Lock()
 
@@ -142,7 +136,7 @@ class InstanceProtection:
                 return
             try:
                 with translate_errors(f"set scale-in protection of {self.instance_id}"):
-                    self._client.set_instance_protection(AutoScalingGroupName=self.group,
+                    self._aws.get().set_instance_protection(AutoScalingGroupName=self.group,
                                                          InstanceIds=[self.instance_id],
                                                          ProtectedFromScaleIn=flag)
             except SdasyncError as exc:
@@ -153,8 +147,7 @@ class InstanceProtection:
 
     def close(self) -> None:
         self.busy(False)
-        if self._owns_client:
-            self._client.close()
+        self._aws.close()
 
 
 def instance_id_from_imds(base_url: str | None = None, timeout_s: float = 2.0) -> str:

@@ -19,7 +19,7 @@ import math
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from sdasync.backends.aws.client import aws_client, translate_errors
+from sdasync.backends.aws.client import LazyClient, translate_errors
 from sdasync.backends.urls import query_params
 from sdasync.errors import ConfigError
 
@@ -34,9 +34,7 @@ class SpotFleetScaler:
     def __init__(self, request_id: str, *, region: str | None = None, client: Any = None) -> None:
         self.request_id = request_id
         self.region = region
-        self._client = client
-        #: An injected client belongs to the caller, who closes it.
-        self._owns_client = client is None
+        self._aws = LazyClient("ec2", region=region, client=client)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Self:
@@ -47,9 +45,7 @@ class SpotFleetScaler:
 
     @property
     def client(self) -> Any:
-        if self._client is None:
-            self._client = aws_client("ec2", region=self.region)
-        return self._client
+        return self._aws.get()
 
     def _config(self) -> dict[str, Any]:
         with translate_errors(f"describe spot fleet {self.request_id}"):
@@ -80,9 +76,7 @@ class SpotFleetScaler:
             self.client.modify_spot_fleet_request(SpotFleetRequestId=self.request_id, TargetCapacity=n)
 
     def close(self) -> None:
-        if self._client is not None and self._owns_client:
-            self._client.close()
-            self._client = None
+        self._aws.close()
 
     def __enter__(self) -> Self:
         return self
