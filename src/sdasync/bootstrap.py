@@ -8,6 +8,7 @@ nothing.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol, Self, runtime_checkable
 
 from sdasync.backends.registry import open_backend
 from sdasync.errors import ConfigError
@@ -20,13 +21,26 @@ def bootstrap(urls: Mapping[str, str | None]) -> list[str]:
     if not given:
         raise ConfigError("name at least one of --queue, --store, --blobs")
     backends = {role: open_backend(role, url) for role, url in given.items()}
+    ensurable: dict[str, Ensurable] = {}
     for role, backend in backends.items():
-        if not callable(getattr(backend, "ensure", None)):
+        if not isinstance(backend, Ensurable):
             raise ConfigError(f"{given[role]} has no cloud resources to create; bootstrap takes sqs://, "
                               f"dynamodb:// and s3:// URLs")
+        ensurable[role] = backend
     done = []
-    for role, backend in backends.items():
+    for role, backend in ensurable.items():
         with backend:
             backend.ensure()
         done.append(f"{role}: {given[role]}")
     return done
+
+
+@runtime_checkable
+class Ensurable(Protocol):
+    """A backend that owns cloud resources and can create them."""
+
+    def ensure(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...

@@ -210,11 +210,11 @@ def cmd_api(args: argparse.Namespace, *, workers: int = 0) -> int:
     import uvicorn
 
     from sdasync.api.app import create_app
-    from sdasync.backends.registry import open_backend
+    from sdasync.backends.registry import open_engine
     from sdasync.supervisor import WorkerSupervisor
 
     settings = _settings(args)
-    engine = open_backend("engine", settings.engine, models_dir=settings.models_dir)
+    engine = open_engine(settings.engine, models_dir=settings.models_dir)
     autoscale = bool(getattr(args, "autoscale", False))
     # With --autoscale the supervisor starts empty and the scaler thread below resizes it.
     supervisor = WorkerSupervisor(_worker_args(args, settings), 0 if autoscale else workers) \
@@ -257,7 +257,7 @@ def cmd_api(args: argparse.Namespace, *, workers: int = 0) -> int:
 
 
 def _local_scaler(args: argparse.Namespace, settings: Settings, supervisor: Any) -> Any:
-    from sdasync.backends.registry import open_backend
+    from sdasync.backends.registry import open_queue, open_store
     from sdasync.scaler.actuators.local import LocalScaler, running_worker_pids
     from sdasync.scaler.loop import ScalerLoop
     from sdasync.scaler.types import PolicyConfig
@@ -265,8 +265,8 @@ def _local_scaler(args: argparse.Namespace, settings: Settings, supervisor: Any)
     if args.max_workers < 1:
         raise SdasyncConfigError(f"--max-workers must be at least 1, not {args.max_workers}")
     # The scaler's own handle on the queue: the API's is opened by create_app and used from its threads.
-    queue = open_backend("queue", settings.queue_url).__enter__()
-    store = open_backend("store", settings.store_url).__enter__()
+    queue = open_queue(settings.queue_url).__enter__()
+    store = open_store(settings.store_url).__enter__()
     supervisor.busy_pids = lambda: running_worker_pids(store)
     fleet = LocalScaler(max=args.max_workers, supervisor=supervisor)
     config = PolicyConfig(min_workers=0, max_workers=args.max_workers, backlog_per_worker=args.backlog_per_worker,
@@ -277,7 +277,7 @@ def _local_scaler(args: argparse.Namespace, settings: Settings, supervisor: Any)
 def cmd_scaler(args: argparse.Namespace) -> int:
     import threading
 
-    from sdasync.backends.registry import open_backend
+    from sdasync.backends.registry import open_fleet, open_queue
     from sdasync.scaler.loop import ScalerLoop
     from sdasync.scaler.types import PolicyConfig
 
@@ -296,7 +296,7 @@ def cmd_scaler(args: argparse.Namespace) -> int:
     # A local fleet runs workers on this queue, with the default local backends for the rest.
     fleet_kwargs: dict[str, Any] = {"worker_args": ["--queue", args.queue]} \
         if args.fleet.startswith("local:") else {}
-    with open_backend("queue", args.queue) as queue, open_backend("fleet", args.fleet, **fleet_kwargs) as fleet:
+    with open_queue(args.queue) as queue, open_fleet(args.fleet, **fleet_kwargs) as fleet:
         loop = ScalerLoop(queue, fleet, config, name=args.fleet)
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):

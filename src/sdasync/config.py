@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sdasync.backends.urls import url_for_path
 from sdasync.errors import ConfigError
+from sdasync.urls import url_for_path
 
 ENV_PREFIX = "SDASYNC_"
 

@@ -10,27 +10,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
-from typing import Any, Protocol
+from typing import Any
 
+from sdasync.backends.base import DeadLetter, DeadLetterQueue
 from sdasync.errors import ConfigError, TaskConflict, TaskNotFound
 from sdasync.models import TaskStatus
 from sdasync.service import Backends
 
 
-class DeadLetterLike(Protocol):
-    message_id: str
-    body: str
-    receive_count: int
-    reason: str
-    dead_at: float
-
-
-def _dead_letters(backends: Backends, limit: int) -> list[DeadLetterLike]:
-    queue: Any = backends.queue
-    if "redrive" not in backends.queue.capabilities:
+def _dead_letter_queue(backends: Backends) -> DeadLetterQueue:
+    queue = backends.queue
+    if "redrive" not in queue.capabilities or not isinstance(queue, DeadLetterQueue):
         raise ConfigError("this queue backend cannot list or redrive dead letters")
-    letters: list[DeadLetterLike] = queue.dead_letters(limit=limit)
-    return letters
+    return queue
+
+
+def _dead_letters(backends: Backends, limit: int) -> list[DeadLetter]:
+    return _dead_letter_queue(backends).dead_letters(limit=limit)
 
 
 def list_dead(backends: Backends, *, limit: int = 100) -> list[dict[str, Any]]:
@@ -74,8 +70,7 @@ def redrive(backends: Backends, task_ids: Collection[str] | None = None, *, limi
     finally:
         # Whatever was requeued above gets its message back, even if a later task raised.
         if move:
-            queue: Any = backends.queue
-            queue.redrive(move)
+            _dead_letter_queue(backends).redrive(move)
     missing = set(task_ids or ()) - {row["taskId"] for row in report}
     report += [{"taskId": task_id, "result": "skipped: not in the dead-letter queue"} for task_id in sorted(missing)]
     return report

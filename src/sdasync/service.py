@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sdasync.backends.base import BlobStore, Queue, TaskPage, TaskStore
-from sdasync.backends.registry import open_backend
+from sdasync.backends.registry import open_blobs, open_queue, open_store
 from sdasync.config import Limits, Settings
 from sdasync.errors import TaskConflict
 from sdasync.models import Task, TaskStatus
@@ -55,9 +55,9 @@ class Backends:
 def open_backends(settings: Settings) -> Iterator[Backends]:
     """Open the three backends the settings name, closing them on exit."""
     with ExitStack() as stack:
-        queue = stack.enter_context(open_backend("queue", settings.queue_url))
-        store = stack.enter_context(open_backend("store", settings.store_url))
-        blobs = stack.enter_context(open_backend("blobs", settings.blobs_url))
+        queue = stack.enter_context(open_queue(settings.queue_url))
+        store = stack.enter_context(open_store(settings.store_url))
+        blobs = stack.enter_context(open_blobs(settings.blobs_url))
         yield Backends(queue=queue, store=store, blobs=blobs)
 
 

@@ -19,7 +19,7 @@ TASKS = 25
 
 def make_spot_fleet() -> tuple[Any, str]:
     """A spot fleet request with target 0 (the same shape tests/integration/test_actuators.py uses)."""
-    from sdasync.backends.aws.client import aws_client
+    from sdasync.awsclient import aws_client
 
     ec2 = aws_client("ec2")
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
@@ -32,7 +32,7 @@ def make_spot_fleet() -> tuple[Any, str]:
 
 def make_group() -> tuple[Any, str]:
     """An Auto Scaling group of 0..10 instances from a launch template."""
-    from sdasync.backends.aws.client import aws_client
+    from sdasync.awsclient import aws_client
 
     name = f"sdasync-e2e-{uuid.uuid4().hex[:8]}"
     ec2 = aws_client("ec2")

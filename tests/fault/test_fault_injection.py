@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from harness import Chaos, audit
 
-from sdasync.backends.urls import url_for_path
 from sdasync.config import Settings
 from sdasync.service import open_backends
+from sdasync.urls import url_for_path
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from sdasync.scaler.actuators.base import Fleet
 
 
 def make_spot_fleet(target: int = 0) -> tuple[Any, str]:
-    from sdasync.backends.aws.client import aws_client
+    from sdasync.awsclient import aws_client
 
     ec2 = aws_client("ec2")
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
@@ -46,7 +46,7 @@ def spot_fleet(aws_endpoint: str) -> Iterator[str]:
 
 
 def make_group(max_size: int = 10) -> tuple[Any, str]:
-    from sdasync.backends.aws.client import aws_client
+    from sdasync.awsclient import aws_client
 
     ec2 = aws_client("ec2")
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]

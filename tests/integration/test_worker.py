@@ -13,12 +13,12 @@ from typing import Any, Self
 import pytest
 from PIL import Image
 
-from sdasync.backends.urls import url_for_path
 from sdasync.config import Settings
 from sdasync.engines.base import GenerationRequest, GenerationResult, Progress
 from sdasync.errors import EngineRejected, EngineUnavailable, GenerationCancelled, SdasyncError
 from sdasync.models import TaskError, TaskStatus
 from sdasync.service import Backends, TaskService, open_backends
+from sdasync.urls import url_for_path
 from sdasync.worker.loop import Worker, WorkerConfig
 
 BODY = {"api": "/sdapi/v1/txt2img", "payload": {"prompt": "a cat", "steps": 4, "width": 64, "height": 64,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sdasync.backends.urls import path_from_url, query_params, url_for_path
 from sdasync.errors import ConfigError
+from sdasync.urls import path_from_url, query_params, url_for_path
 
 
 @pytest.mark.parametrize(("url", "path"), [

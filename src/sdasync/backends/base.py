@@ -25,6 +25,19 @@ class Message:
 
 
 @dataclass(frozen=True)
+class DeadLetter:
+    """A message in the dead-letter queue, as ``DeadLetterQueue.dead_letters`` lists it."""
+
+    message_id: str
+    #: The task id.
+    body: str
+    receive_count: int
+    reason: str
+    #: Epoch seconds when it was dead-lettered (SQS: when sdasync moved it, else its original send time).
+    dead_at: float
+
+
+@dataclass(frozen=True)
 class QueueDepth:
     visible: int
     in_flight: int
@@ -80,6 +93,21 @@ class Queue(Protocol):
     def __enter__(self) -> Self: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class DeadLetterQueue(Queue, Protocol):
+    """A queue whose dead letters can be listed and moved back (capability ``redrive``)."""
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, oldest first, left in place. Raises ConfigError without a dead-letter queue,
+        BackendError."""
+        ...
+
+    def redrive(self, message_ids: Collection[str] | None = None) -> int:
+        """Move dead letters (all, or those named) back to the queue, visible now with a fresh receive count.
+        Returns how many moved; ids that are not dead letters are ignored. Raises BackendError."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,17 @@ A missing optional dependency becomes a ConfigError that says which extra to ins
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 from sdasync.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from sdasync.backends.base import BlobStore, Queue, TaskStore
+    from sdasync.engines.base import Engine
+    from sdasync.scaler.actuators.base import Fleet
 
 #: role -> scheme -> ("module:Class", extra needed or None)
 REGISTRY: dict[str, dict[str, tuple[str, str | None]]] = {
@@ -66,6 +73,31 @@ def resolve(role: str, url: str) -> type[Any]:
     return cls
 
 
-def open_backend(role: str, url: str, **kwargs: Any) -> Any:
-    """Build (not yet connect) the backend for ``url``; ``kwargs`` go to its ``from_url``."""
-    return resolve(role, url).from_url(url, **kwargs)
+def open_backend(role: str, url: str, **kwargs: Any) -> object:
+    """Build (not yet connect) the backend for ``url``; ``kwargs`` go to its ``from_url``. Callers use the typed
+    front doors below."""
+    built: object = resolve(role, url).from_url(url, **kwargs)
+    return built
+
+
+# Typed front doors over the one lazy table: what each returns is checked by the contract suites, so the casts
+# only tell mypy what those suites hold every implementation to.
+def open_queue(url: str) -> Queue:
+    return cast("Queue", open_backend("queue", url))
+
+
+def open_store(url: str) -> TaskStore:
+    return cast("TaskStore", open_backend("store", url))
+
+
+def open_blobs(url: str) -> BlobStore:
+    return cast("BlobStore", open_backend("blobs", url))
+
+
+def open_engine(url: str, *, models_dir: Path | None = None) -> Engine:
+    kwargs: dict[str, Any] = {} if models_dir is None else {"models_dir": models_dir}
+    return cast("Engine", open_backend("engine", url, **kwargs))
+
+
+def open_fleet(url: str, **kwargs: Any) -> Fleet:
+    return cast("Fleet", open_backend("fleet", url, **kwargs))

@@ -48,7 +48,6 @@ from urllib.parse import urlsplit
 
 from PIL import Image, UnidentifiedImageError
 
-from sdasync.backends.urls import path_from_url, query_params
 from sdasync.engines import tiny
 from sdasync.engines.base import GenerationRequest, GenerationResult, Progress
 from sdasync.engines.deadline import Deadline
@@ -56,6 +55,7 @@ from sdasync.engines.infotext import GenerationParams, build_info, encode_png, i
 from sdasync.engines.samplers import SCHEDULES, SIGMA_FLAGS, check_unsupported, scheduler_choice
 from sdasync.errors import ConfigError, EngineError, EngineRejected, EngineUnavailable, GenerationCancelled
 from sdasync.models import Api
+from sdasync.urls import path_from_url, query_params
 
 PARAMS: dict[str, type[Any]] = {"device": str, "dtype": str}
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

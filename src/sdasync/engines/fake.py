@@ -27,12 +27,12 @@ from urllib.parse import urlsplit
 
 from PIL import Image, ImageOps
 
-from sdasync.backends.urls import query_params
 from sdasync.engines.base import GenerationRequest, GenerationResult, Progress
 from sdasync.engines.deadline import Deadline
 from sdasync.engines.infotext import GenerationParams, build_info, encode_png, infotext
 from sdasync.errors import ConfigError, EngineRejected, EngineUnavailable, GenerationCancelled
 from sdasync.models import Api
+from sdasync.urls import query_params
 
 MODEL_NAME = "fake"
 FAIL_MODES = ("transient", "permanent")

@@ -44,7 +44,6 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from sdasync.backends.urls import query_params
 from sdasync.engines.base import GenerationRequest, GenerationResult
 from sdasync.engines.deadline import Deadline
 from sdasync.engines.webui_progress import TaskMonitor
@@ -56,6 +55,7 @@ from sdasync.errors import (
     EngineUnavailable,
     GenerationCancelled,
 )
+from sdasync.urls import query_params
 
 PROBE_PATH = "/sdapi/v1/sd-models"
 PARAMS: dict[str, type[Any]] = {"connect_timeout": float, "read_timeout": float, "ready_timeout": float}

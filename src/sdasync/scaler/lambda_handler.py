@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from sdasync.backends.registry import open_backend
+from sdasync.backends.registry import open_fleet, open_queue
 from sdasync.errors import ConfigError
 from sdasync.scaler.loop import ScalerLoop
 from sdasync.scaler.types import PolicyConfig
@@ -52,8 +52,8 @@ def _open_loop() -> ScalerLoop:
     queue_url, fleet_url = os.environ.get("SDASYNC_QUEUE"), os.environ.get("SDASYNC_FLEET")
     if not queue_url or not fleet_url:
         raise ConfigError("set SDASYNC_QUEUE and SDASYNC_FLEET")
-    queue = open_backend("queue", queue_url).__enter__()
-    fleet = open_backend("fleet", fleet_url).__enter__()
+    queue = open_queue(queue_url).__enter__()
+    fleet = open_fleet(fleet_url).__enter__()
     return ScalerLoop(queue, fleet, config_from_env(), name=fleet_url)
 
 

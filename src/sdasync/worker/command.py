@@ -10,7 +10,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from sdasync.backends.registry import open_backend
+from sdasync.backends.registry import open_engine
 from sdasync.config import Settings
 from sdasync.errors import ConfigError
 from sdasync.service import open_backends
@@ -30,7 +30,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     config = WorkerConfig(visibility_timeout_s=settings.visibility_timeout, max_attempts=settings.max_attempts,
                           drain_timeout_s=args.drain_timeout, generation_timeout_s=args.generation_timeout)
     with open_backends(settings) as backends, \
-            open_backend("engine", settings.engine, models_dir=settings.models_dir) as engine:
+            open_engine(settings.engine, models_dir=settings.models_dir) as engine:
         if backends.queue.max_receives <= settings.max_attempts:
             raise ConfigError(f"the queue dead-letters a message after {backends.queue.max_receives} receives, "
                               f"which leaves no room for --max-attempts {settings.max_attempts}; raise the "

@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 
 from botocore.exceptions import ClientError
 
-from sdasync.backends.aws.client import aws_client, error_code, translate_errors
+from sdasync.awsclient import aws_client, error_code, translate_errors
 from sdasync.backends.aws.dynamo_items import (
     CHANGE_ATTRS,
     EXPIRES_AT,
@@ -70,9 +70,9 @@ from sdasync.backends.aws.dynamo_items import (
     update_expression,
 )
 from sdasync.backends.base import TaskPage, check_changes, check_transition
-from sdasync.backends.urls import query_params
 from sdasync.errors import BackendError, BackendRefused, ConfigError, RequestError, TaskConflict, TaskNotFound
 from sdasync.models import Task, TaskStatus
+from sdasync.urls import query_params
 
 MAX_LIMIT = 1000
 _TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{3,255}")

@@ -28,10 +28,10 @@ import threading
 from typing import Any, Self
 from urllib.parse import quote, unquote, urlsplit
 
-from sdasync.backends.aws.client import aws_client, error_code, translate_errors
+from sdasync.awsclient import aws_client, error_code, translate_errors
 from sdasync.backends.keys import check_key
-from sdasync.backends.urls import query_params
 from sdasync.errors import BackendError, BlobNotFound, ConfigError, RequestError
+from sdasync.urls import query_params
 
 URL_PARAMS: dict[str, type[Any]] = {"region": str, "cdn": str, "expires": int}
 

@@ -50,7 +50,7 @@ from collections.abc import Collection
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from sdasync.backends.aws.client import aws_client, error_code, translate_errors
+from sdasync.awsclient import aws_client, error_code, translate_errors
 from sdasync.backends.aws.sqs_parts import (
     COUNT_ATTRIBUTE,
     ID_ATTRIBUTE,
@@ -64,10 +64,9 @@ from sdasync.backends.aws.sqs_parts import (
     _string,
     _whole_seconds,
 )
-from sdasync.backends.base import Message, QueueDepth
-from sdasync.backends.sqlite.queue import DeadLetter
-from sdasync.backends.urls import query_params
+from sdasync.backends.base import DeadLetter, Message, QueueDepth
 from sdasync.errors import BackendError, ConfigError, ReceiptInvalid
+from sdasync.urls import query_params
 
 log = logging.getLogger(__name__)
 

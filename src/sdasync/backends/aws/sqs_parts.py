@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
-from sdasync.backends.aws.client import error_code, translate_errors
-from sdasync.backends.sqlite.queue import DeadLetter
+from sdasync.awsclient import error_code, translate_errors
+from sdasync.backends.base import DeadLetter
 from sdasync.errors import ReceiptInvalid
 
 #: Message attributes that keep a message's identity and history across its copies.

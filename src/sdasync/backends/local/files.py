@@ -19,8 +19,8 @@ from typing import Any, Self
 from urllib.parse import quote, urlsplit
 
 from sdasync.backends.keys import check_key
-from sdasync.backends.urls import path_from_url, query_params
 from sdasync.errors import BackendError, BlobNotFound, RequestError
+from sdasync.urls import path_from_url, query_params
 
 #: Prefix of in-progress writes; a crash can leave one behind, never a truncated image under a real key.
 _TMP_PREFIX = ".tmp-"

@@ -28,14 +28,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from sdasync.backends.base import Message, QueueDepth
+from sdasync.backends.base import DeadLetter, Message, QueueDepth
 from sdasync.backends.sqlite.db import SqliteDatabase
-from sdasync.backends.urls import path_from_url, query_params
 from sdasync.errors import BackendError, ConfigError, ReceiptInvalid
+from sdasync.urls import path_from_url, query_params
 
 URL_PARAMS: dict[str, type[Any]] = {"name": str, "max_receives": int, "visibility_timeout": float,
                                     "poll_interval": float}
@@ -66,15 +65,6 @@ SCHEMA = (
 
 #: Keeps ``IN (...)`` lists well under SQLite's bound-variable limit.
 _CHUNK = 500
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    message_id: str
-    body: str
-    receive_count: int
-    reason: str
-    dead_at: float
 
 
 class SqliteQueue:

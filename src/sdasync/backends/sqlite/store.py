@@ -24,9 +24,9 @@ from typing import Any, Self
 from sdasync.backends.base import TaskPage, check_changes, check_transition
 from sdasync.backends.cursor import decode_cursor, encode_cursor
 from sdasync.backends.sqlite.db import SqliteDatabase
-from sdasync.backends.urls import path_from_url, query_params
 from sdasync.errors import RequestError, TaskConflict, TaskNotFound
 from sdasync.models import Api, Task, TaskError, TaskStatus, plain_field
+from sdasync.urls import path_from_url, query_params
 
 SCHEMA = (
     """

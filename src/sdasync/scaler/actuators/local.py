@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Self
 
-from sdasync.backends.urls import query_params
 from sdasync.errors import ConfigError
 from sdasync.supervisor import WorkerSupervisor
+from sdasync.urls import query_params
 
 URL_PARAMS: dict[str, type[Any]] = {"max": int}
 

@@ -19,9 +19,9 @@ import math
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from sdasync.backends.aws.client import LazyClient, translate_errors
-from sdasync.backends.urls import query_params
+from sdasync.awsclient import LazyClient, translate_errors
 from sdasync.errors import ConfigError
+from sdasync.urls import query_params
 
 log = logging.getLogger(__name__)
 
