@@ -50,8 +50,37 @@ class Settings:
     public_url: str | None = None
     visibility_timeout: float = 60.0
     max_attempts: int = 3
-    #: Payloads larger than this many JSON bytes are kept in the blob store, not in the task record.
+    #: Payloads larger than this many JSON bytes are kept in the payload store, not in the task record.
     inline_payload_max: int = 64 * 1024
+    #: Where large request payloads live: never under the results, which a CDN may serve. Default: a sibling of
+    #: the results (``file:///<data-dir>/requests``; for ``s3://bucket/prefix``, ``s3://bucket/requests``).
+    payloads: str | None = None
+    #: Tasks, their stored payloads and their images are deleted this many days after they finish.
+    retention_days: float = 30.0
+    #: A task still ``queued`` this many seconds after its last change has its message sent again.
+    requeue_after: float = 3600.0
+    #: Seconds between two runs of the sweeper and the janitor inside ``serve`` / ``api`` (0 turns them off).
+    sweep_interval: float = 60.0
+    #: After SIGTERM, seconds a worker's current task may still run before it is handed back.
+    drain_timeout: float = 90.0
+    #: Host names image URLs may be built from (the request's Host header). None: the bind address, localhost,
+    #: 127.0.0.1 and ::1, and the host of ``public_url``.
+    trusted_hosts: frozenset[str] | None = None
+    #: Seconds a client may take to send its request headers, and its body.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    #: Connections still sending their request, beyond which new connections are refused.
+    max_incomplete_requests: int = 64
+    #: Instance metadata (IMDSv2) base URL, for spot notices and the instance id; None: EC2's own address.
+    imds_url: str | None = None
+    #: This machine's EC2 instance id, when known without asking IMDS.
+    instance_id: str | None = None
+    #: Fault injection for the fault suite: ``point:probability,...`` (see worker/faults.py) and its seed.
+    faults: str = ""
+    fault_errors: str = ""
+    fault_seed: str = ""
+    #: The API Gateway stage or base path the Lambda handler strips from paths.
+    api_base_path: str = "/"
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -65,6 +94,17 @@ class Settings:
     @property
     def blobs_url(self) -> str:
         return self.blobs or url_for_path("file", self.data_dir / "results")
+
+    @property
+    def payloads_url(self) -> str:
+        if self.payloads:
+            return self.payloads
+        blobs = self.blobs_url
+        if blobs.startswith("s3://"):
+            from urllib.parse import urlsplit
+
+            return f"s3://{urlsplit(blobs).netloc}/requests"
+        return url_for_path("file", self.data_dir / "requests")
 
     @property
     def models_dir(self) -> Path:

@@ -46,7 +46,8 @@ TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCEL
 #: The only allowed transitions. Terminal states have no way out, but for failed -> queued: an operator's redrive
 #: of a dead-lettered task. No worker writes it, so for a worker ``failed`` is as final as the others.
 TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = {
-    TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}),
+    # queued -> queued: the sweeper re-sent a stranded task's message and says so in its history.
+    TaskStatus.QUEUED: frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}),
     TaskStatus.RUNNING: frozenset(
         {TaskStatus.RUNNING, TaskStatus.QUEUED, TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED}
     ),
@@ -171,6 +172,64 @@ def plain_field(name: str, value: Any) -> Any:
     if name == "history":
         return history_records(value)
     raise ValueError(f"not a mutable task field: {name!r}")
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """What an engine says of itself (``Engine.health()``), and what a worker publishes in its registry record."""
+
+    ok: bool
+    #: Why it is not ok, or a word on its state ("ready", "loading").
+    detail: str = ""
+    #: Whether the model is in memory (in-process engines); None for remote ones.
+    loaded: bool | None = None
+    #: The engine cannot recover in this process: its worker exits to be restarted.
+    restart: bool = False
+    #: The model the engine serves, when it can tell.
+    model: str | None = None
+    #: Engine-specific facts (device, url, seconds ...): plain JSON values.
+    extra: Mapping[str, str | int | float | bool | None] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"ok": self.ok, **self.extra}
+        if self.detail:
+            data["detail"] = self.detail
+        if self.loaded is not None:
+            data["loaded"] = self.loaded
+        if self.restart:
+            data["restart"] = True
+        if self.model is not None:
+            data["model"] = self.model
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EngineHealth:
+        known = {"ok", "detail", "loaded", "restart", "model"}
+        loaded = data.get("loaded")
+        model = data.get("model")
+        return cls(ok=bool(data.get("ok", False)), detail=str(data.get("detail") or ""),
+                   loaded=None if loaded is None else bool(loaded), restart=bool(data.get("restart", False)),
+                   model=None if model is None else str(model),
+                   extra={k: v for k, v in data.items() if k not in known
+                          and (v is None or isinstance(v, str | int | float | bool))})
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A worker's entry in the task store's registry: who it is, its engine and what it is doing. Written on
+    start and at every heartbeat; a record whose ``expires_at`` has passed belongs to a worker that is gone."""
+
+    worker_id: str
+    #: The engine URL, without any credentials (``webui+http://127.0.0.1:7860``, ``diffusers://tiny``).
+    engine: str
+    health: EngineHealth
+    #: The task it holds now, if any.
+    task_id: str | None
+    started_at: float
+    heartbeat_at: float
+    expires_at: float
+    host: str = ""
+    pid: int = 0
 
 
 def new_task_id() -> str:

@@ -6,11 +6,12 @@ Backends are context managers, take keyword arguments, and have a ``from_url()``
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, Self, runtime_checkable
 
-from sdasync.models import Task, TaskStatus
+from sdasync.models import Task, TaskStatus, WorkerRecord
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,27 @@ class TaskStore(Protocol):
 
     def list(self, *, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None) -> TaskPage:
         """Tasks newest first, optionally of one status. Raises RequestError for a bad cursor, BackendError."""
+        ...
+
+    def stale(self, *, status: TaskStatus, updated_before: float, limit: int = 100) -> builtins.list[Task]:
+        """Up to ``limit`` tasks in ``status`` whose ``updated_at`` is before ``updated_before``, oldest first: the
+        sweeper's stranded ``queued`` tasks, the janitor's expired finished ones. Raises BackendError."""
+        ...
+
+    def delete(self, task_id: str) -> None:
+        """Remove the task for good (retention); a missing task is not an error. Raises BackendError."""
+        ...
+
+    def put_worker(self, record: WorkerRecord) -> None:
+        """Write (or overwrite) a worker's registry record. Raises BackendError."""
+        ...
+
+    def workers(self, *, now: float | None = None) -> builtins.list[WorkerRecord]:
+        """The registry's live records (``expires_at`` after ``now``), by worker id. Raises BackendError."""
+        ...
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Delete a worker's record (it stopped cleanly); a missing one is not an error. Raises BackendError."""
         ...
 
     def close(self) -> None: ...
