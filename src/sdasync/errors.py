@@ -6,10 +6,13 @@
      +-- ConfigError                  config_error          500  a bad URL, an unknown scheme, a missing extra
      +-- RequestError                 invalid_request       422  a client's request is refused (names the field)
      |    +-- PayloadTooLarge         payload_too_large     413
+     |    +-- UnsupportedMediaType    unsupported_media_type 415 the body is not JSON in UTF-8
      +-- TaskNotFound                 task_not_found        404
      +-- TaskConflict                 conflict              409  a compare-and-set lost (status or attempt moved on)
      +-- BlobNotFound                 blob_not_found        404
      +-- ReceiptInvalid               receipt_invalid       409  a queue receipt is no longer the current delivery
+     +-- MetadataUnavailable          metadata_unavailable  500  no EC2 instance metadata here (IMDSv2)
+     +-- MetadataError                metadata_error        500  instance metadata answered unexpectedly
      +-- BackendError  (retryable)    backend_unavailable   503  queue, store or blob store failed
      |    +-- BackendRefused          backend_refused       500  the backend refused the call itself (not retryable)
      +-- UnexpectedError  (retryable) internal_error        500  an engine or library raised something unforeseen
@@ -25,7 +28,10 @@ decides to retry by reading ``retryable``; the HTTP API maps ``http_status`` and
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # only for the annotation: every module imports errors, so it stays free of runtime imports
+    from sdasync.models import Task
 
 
 class SdasyncError(Exception):
@@ -57,6 +63,11 @@ class PayloadTooLarge(RequestError):
     http_status = 413
 
 
+class UnsupportedMediaType(RequestError):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
 class TaskNotFound(SdasyncError):
     code = "task_not_found"
     http_status = 404
@@ -66,10 +77,10 @@ class TaskConflict(SdasyncError):
     code = "conflict"
     http_status = 409
 
-    def __init__(self, message: str, *, current: Any = None, **details: Any) -> None:
+    def __init__(self, message: str, *, current: Task | None = None, **details: Any) -> None:
         super().__init__(message, **details)
-        #: The task as it is now, when the backend could tell (a ``models.Task``), else None.
-        self.current = current
+        #: The task as it is now, when the backend could tell, else None.
+        self.current: Task | None = current
 
 
 class BlobNotFound(SdasyncError):
@@ -80,6 +91,18 @@ class BlobNotFound(SdasyncError):
 class ReceiptInvalid(SdasyncError):
     code = "receipt_invalid"
     http_status = 409
+
+
+class MetadataUnavailable(SdasyncError):
+    """Nothing answers at the instance metadata address (or it refuses tokens): most likely not on EC2."""
+
+    code = "metadata_unavailable"
+
+
+class MetadataError(SdasyncError):
+    """Instance metadata answered, but not as documented."""
+
+    code = "metadata_error"
 
 
 class BackendError(SdasyncError):

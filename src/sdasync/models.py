@@ -85,6 +85,108 @@ class TaskError:
         return cls(code=str(data["code"]), message=str(data["message"]))
 
 
+class Outcome(enum.StrEnum):
+    """How one attempt of a task ended, as its history records it."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    #: A transient failure; the task went back to the queue after a backoff.
+    RETRIED = "retried"
+    #: Handed back by its worker (drain, spot notice, engine down): not the task's fault.
+    RELEASED = "released"
+    CANCELLED = "cancelled"
+    #: Its worker stopped renewing the lease (a crash, a kill); found by the next claim.
+    LOST = "lost"
+    #: An operator's redrive of a failed task: the attempts before it no longer count.
+    REDRIVEN = "redriven"
+    #: The sweeper sent a stranded task's message again.
+    REQUEUED = "requeued"
+
+
+#: Outcomes that use up one of a task's attempts. A released attempt was the worker's doing and costs nothing.
+COUNTED_OUTCOMES = frozenset({Outcome.RETRIED, Outcome.FAILED, Outcome.LOST})
+_HISTORY_SHAPE = "history must be a sequence of attempt records (mappings with attempt and outcome)"
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One entry of ``Task.history``: an attempt (or an operator's act on the task) and how it ended."""
+
+    attempt: int
+    worker: str | None
+    started_at: float | None
+    ended_at: float | None
+    outcome: Outcome
+    error: TaskError | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "worker": self.worker, "started_at": self.started_at,
+                "ended_at": self.ended_at, "outcome": str(self.outcome),
+                "error": None if self.error is None else self.error.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AttemptRecord:
+        """Reads snake_case keys, and the camelCase ``startedAt``/``endedAt`` that older versions stored.
+        Raises ValueError for a record without an attempt number or a known outcome."""
+        try:
+            attempt, outcome = data["attempt"], Outcome(data["outcome"])
+            if isinstance(attempt, bool) or not isinstance(attempt, int | float) or attempt != int(attempt):
+                raise ValueError(f"attempt must be an integer, not {attempt!r}")
+            error = data.get("error")
+            worker = data.get("worker")
+            return cls(attempt=int(attempt), worker=None if worker is None else str(worker),
+                       started_at=_optional_float(data.get("started_at", data.get("startedAt"))),
+                       ended_at=_optional_float(data.get("ended_at", data.get("endedAt"))), outcome=outcome,
+                       error=None if error is None else error if isinstance(error, TaskError)
+                       else TaskError.from_dict(error))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{_HISTORY_SHAPE}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class TaskProgress:
+    """How far the running attempt has got, written by the worker about once a second."""
+
+    fraction: float = 0.0
+    step: int = 0
+    steps: int = 0
+    #: Seconds left, if the engine can tell.
+    eta_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fraction": self.fraction, "step": self.step, "steps": self.steps, "eta_s": self.eta_s}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskProgress:
+        """Reads ``eta_s``, and the camelCase ``etaSeconds`` that older versions stored. Raises ValueError."""
+        try:
+            return cls(fraction=float(data.get("fraction", 0.0)), step=int(data.get("step", 0)),
+                       steps=int(data.get("steps", 0)), eta_s=_optional_float(data.get("eta_s",
+                                                                                      data.get("etaSeconds"))))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"progress must be a mapping of fraction, step, steps, eta_s: {exc}") from exc
+
+
+def _attempt_record(value: Any) -> AttemptRecord:
+    if isinstance(value, AttemptRecord):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(_HISTORY_SHAPE)
+    return AttemptRecord.from_dict(value)
+
+
+def _task_progress(value: Any) -> TaskProgress | None:
+    if value is None or isinstance(value, TaskProgress):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError("progress must be a TaskProgress, a mapping or None")
+    return TaskProgress.from_dict(value)
+
+
 #: Fields of a Task that a transition may change (besides status and updated_at, which it always sets).
 MUTABLE_FIELDS = frozenset(
     {"attempts", "started_at", "finished_at", "images", "info", "error", "progress", "worker", "lease_until",
@@ -107,16 +209,20 @@ class Task:
     images: tuple[str, ...] = ()
     info: dict[str, Any] | None = None
     error: TaskError | None = None
-    progress: dict[str, Any] | None = None
+    progress: TaskProgress | None = None
     #: Which worker holds (or last held) the task, for operators.
     worker: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     #: Epoch seconds until which the worker holding the current attempt owns the task; its heartbeat extends it.
     lease_until: float | None = None
-    #: One record per finished attempt, oldest first: ``{"attempt": int, "worker": str | None, "startedAt":
-    #: float | None, "endedAt": float, "outcome": "succeeded" | "failed" | "retried" | "released" | "cancelled" |
-    #: "lost", "error": {"code", "message"} | None}``. The worker writes the whole tuple; stores only keep it.
-    history: tuple[dict[str, Any], ...] = ()
+    #: One record per finished attempt, oldest first. The worker writes the whole tuple; stores only keep it.
+    history: tuple[AttemptRecord, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Stores build tasks from plain data (decoded JSON, DynamoDB maps): the records and the progress become
+        # their types here, once, so every store reads the same way and keeps working with dicts.
+        object.__setattr__(self, "history", tuple(history_records(self.history)))
+        object.__setattr__(self, "progress", _task_progress(self.progress))
 
     @classmethod
     def new(cls, api: Api, payload: dict[str, Any], *, now: float | None = None) -> Task:
@@ -130,16 +236,15 @@ class Task:
         return replace(self, status=status, updated_at=now, **changes)
 
 
-def history_records(value: Any) -> list[dict[str, Any]]:
-    """A task's ``history`` as a list of plain dicts, for a store to write. Raises ValueError unless it is a
-    sequence of mappings (the records' keys are the worker's business: stores keep whatever it wrote)."""
+def history_records(value: Any) -> list[AttemptRecord]:
+    """A task's ``history`` as a list of AttemptRecords (mappings are read with ``AttemptRecord.from_dict``).
+    Raises ValueError unless it is a sequence of records or mappings."""
     try:
-        valid = not isinstance(value, str | bytes | Mapping) and all(isinstance(item, Mapping) for item in value)
-    except TypeError:  # not iterable at all
-        valid = False
-    if not valid:
-        raise ValueError("history must be a sequence of attempt records (mappings)")
-    return [dict(record) for record in value]
+        if isinstance(value, str | bytes | Mapping):
+            raise TypeError
+        return [_attempt_record(item) for item in value]
+    except TypeError as exc:  # not iterable at all
+        raise ValueError(_HISTORY_SHAPE) from exc
 
 
 def plain_field(name: str, value: Any) -> Any:
@@ -157,10 +262,13 @@ def plain_field(name: str, value: Any) -> Any:
         except (KeyError, TypeError) as exc:
             raise ValueError("error must be a TaskError, a {code, message} mapping or None") from exc
         return error.to_dict()
-    if name in {"info", "progress"}:
+    if name == "info":
         if value is not None and not isinstance(value, Mapping):
-            raise ValueError(f"{name} must be a mapping or None")
+            raise ValueError("info must be a mapping or None")
         return None if value is None else dict(value)
+    if name == "progress":
+        progress = _task_progress(value)
+        return None if progress is None else progress.to_dict()
     if name == "attempts":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("attempts must be an integer")
@@ -170,7 +278,7 @@ def plain_field(name: str, value: Any) -> Any:
     if name == "worker":
         return None if value is None else str(value)
     if name == "history":
-        return history_records(value)
+        return [record.to_dict() for record in history_records(value)]
     raise ValueError(f"not a mutable task field: {name!r}")
 
 

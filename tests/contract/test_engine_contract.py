@@ -18,7 +18,7 @@ from PIL import Image
 from sdasync.backends.registry import REGISTRY, resolve
 from sdasync.engines.base import Engine, GenerationRequest, GenerationResult, Progress
 from sdasync.errors import ConfigError, EngineRejected, GenerationCancelled
-from sdasync.models import Api
+from sdasync.models import Api, EngineHealth
 from webui_server import WebuiTestServer
 
 KINDS = ["fake", "webui", "diffusers"]
@@ -107,9 +107,12 @@ def test_from_url_takes_models_dir_and_rejects_unknown_parameters(engine_url: st
         cls.from_url(f"{engine_url}{separator}no_such_parameter=1")
 
 
-def test_health_is_a_dict_with_ok(engine: Engine) -> None:
+def test_health_is_an_engine_health_that_is_ok(engine: Engine) -> None:
     health = engine.health()
-    assert health["ok"] is True
+    assert type(health) is EngineHealth
+    assert health.ok is True
+    assert health.restart is False
+    assert EngineHealth.from_dict(health.to_dict()) == health  # what the registry stores reads back the same
 
 
 def test_txt2img_batch(engine: Engine) -> None:
@@ -172,4 +175,4 @@ def test_close_is_idempotent(engine_url: str) -> None:
     with engine as entered:
         assert entered is engine
     engine.close()
-    assert isinstance(engine.health()["ok"], bool)
+    assert isinstance(engine.health().ok, bool)

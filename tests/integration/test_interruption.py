@@ -1,7 +1,9 @@
-"""SpotInterruptionWatcher against an IMDSv2-only metadata server on loopback (tests/imds_server.py)."""
+"""The IMDSv2 client and its users (SpotInterruptionWatcher, the instance id for scale-in protection) against an
+IMDSv2-only metadata server on loopback (tests/imds_server.py)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -13,6 +15,9 @@ import pytest
 
 from helpers import free_port, wait_until
 from imds_server import INSTANCE_ACTION_PATH, REBALANCE_PATH, ImdsTestServer
+from sdasync.errors import ConfigError, MetadataUnavailable
+from sdasync.imds import ImdsClient
+from sdasync.scaler.actuators.asg import instance_id_from_imds
 from sdasync.worker.interruption import SpotInterruptionWatcher
 
 INTERVAL_S = 0.1
@@ -179,12 +184,34 @@ def test_a_failing_callback_does_not_escape(imds: ImdsTestServer, caplog: pytest
     assert any("on_notice raised" in r.getMessage() for r in caplog.records)
 
 
-def test_base_url_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, notices: Notices) -> None:
+def test_base_url_is_an_argument_never_the_environment(monkeypatch: pytest.MonkeyPatch, notices: Notices) -> None:
+    # The worker's entry point reads SDASYNC_IMDS_URL into Settings and passes it; nothing deeper reads it.
     monkeypatch.setenv("SDASYNC_IMDS_URL", "http://127.0.0.1:1/")
-    assert SpotInterruptionWatcher(notices).base_url == "http://127.0.0.1:1"
-    monkeypatch.delenv("SDASYNC_IMDS_URL")
     assert SpotInterruptionWatcher(notices).base_url == "http://169.254.169.254"
     assert SpotInterruptionWatcher(notices, base_url="http://x:8/").base_url == "http://x:8"
+
+
+def test_the_imds_client_reads_documents_with_a_token(imds: ImdsTestServer) -> None:
+    imds.set_rebalance("2026-11-25T11:58:00Z")
+    with ImdsClient(imds.url, token_ttl_s=60) as client:
+        assert json.loads(client.get(REBALANCE_PATH) or "") == {"noticeTime": "2026-11-25T11:58:00Z"}
+        assert client.get(INSTANCE_ACTION_PATH) is None  # 404: no notice
+    assert imds.token_ttls == ["60"] and imds.count("token") == 1  # one token for both reads
+    with pytest.raises(MetadataUnavailable), ImdsClient(f"http://127.0.0.1:{free_port()}") as nothing:
+        nothing.get(REBALANCE_PATH)
+    with pytest.raises(ValueError, match="token_ttl_s must be"):
+        ImdsClient(imds.url, token_ttl_s=0)
+
+
+def test_instance_id_comes_from_settings_or_imds(imds: ImdsTestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    assert instance_id_from_imds(base_url=unreachable, instance_id="i-0123456789") == "i-0123456789"
+    monkeypatch.setenv("SDASYNC_INSTANCE_ID", "i-from-the-environment")  # read by the entry point, not here
+    with pytest.raises(ConfigError, match=r"did not answer.*SDASYNC_INSTANCE_ID"):
+        instance_id_from_imds(base_url=unreachable)
+    with pytest.raises(ConfigError, match="has none"):
+        instance_id_from_imds(base_url=imds.url)  # IMDS answers, with a token, but knows no instance id
+    assert imds.count("token") == 1 and imds.count("GET /latest/meta-data/instance-id") == 1  # authorized
 
 
 def test_context_manager_starts_and_stops(imds: ImdsTestServer, notices: Notices) -> None:

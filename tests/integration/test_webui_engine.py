@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from PIL import Image
 
 from helpers import free_port, wait_until
 from sdasync.backends.registry import resolve
+from sdasync.engines import webui
 from sdasync.engines.base import Engine, GenerationRequest, GenerationResult, Progress
 from sdasync.engines.webui import WebuiEngine
 from sdasync.errors import (
@@ -26,7 +28,7 @@ from sdasync.errors import (
     EngineUnavailable,
     GenerationCancelled,
 )
-from sdasync.models import Api
+from sdasync.models import Api, EngineHealth
 from webui_server import WebuiTestServer, png_b64
 
 
@@ -164,8 +166,8 @@ def test_unreachable_webui_is_unavailable() -> None:
         with pytest.raises(EngineUnavailable, match="unreachable"):
             engine.generate(request())
         health = engine.health()
-    assert health["ok"] is False
-    assert "ConnectError" in health["detail"]
+    assert health.ok is False
+    assert "ConnectError" in health.detail
 
 
 def test_a_hung_webui_times_out(server: WebuiTestServer) -> None:
@@ -239,12 +241,50 @@ def test_close_aborts_a_readiness_wait(server: WebuiTestServer) -> None:
     assert isinstance(errors[0], EngineUnavailable)
 
 
-def test_health_reports_without_raising(server: WebuiTestServer, engine: WebuiEngine) -> None:
-    assert engine.health() == {"ok": True, "url": engine.base_url, "detail": "ready"}
+def test_a_stop_request_ends_a_readiness_wait_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="sdasync.engines.webui")
+    engine = WebuiEngine.from_url(f"webui+http://127.0.0.1:{free_port()}?ready_timeout=60")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            engine.setup(stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with engine:
+        thread = threading.Thread(target=run)
+        thread.start()
+        wait_until(lambda: any("waiting for the WebUI" in r.getMessage() for r in caplog.records))
+        started = time.monotonic()
+        stop.set()
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+        assert time.monotonic() - started < 1.0
+    assert len(errors) == 1 and isinstance(errors[0], EngineUnavailable)
+    assert "stopped while waiting" in errors[0].message
+    assert engine.base_url in caplog.records[0].getMessage()  # the log names what it waits for
+
+
+def test_a_long_readiness_wait_says_so_in_the_log(server: WebuiTestServer, caplog: pytest.LogCaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(webui, "WAIT_LOG_EVERY_S", 0.2)
     server.knobs.never_ready = True
-    assert engine.health() == {"ok": False, "url": engine.base_url, "detail": "HTTP 404"}
+    with WebuiEngine.from_url(f"{server.url}?ready_timeout=1") as engine, pytest.raises(EngineUnavailable):
+        engine.setup()
+    waits = [r for r in caplog.records if "still waiting for the WebUI" in r.getMessage()]
+    assert waits and all(r.levelno == logging.WARNING for r in waits)
+    assert engine.base_url in waits[0].getMessage() and "s so far" in waits[0].getMessage()
+    assert "HTTP 404" in waits[-1].getMessage()
+
+
+def test_health_reports_without_raising(server: WebuiTestServer, engine: WebuiEngine) -> None:
+    assert engine.health() == EngineHealth(ok=True, detail="ready", extra={"url": engine.base_url})
+    server.knobs.never_ready = True
+    assert engine.health() == EngineHealth(ok=False, detail="HTTP 404", extra={"url": engine.base_url})
     server.close()
-    wait_until(lambda: engine.health()["ok"] is False)
+    wait_until(lambda: engine.health().ok is False)
 
 
 def test_no_other_route_is_ever_called(server: WebuiTestServer, engine: WebuiEngine) -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 from sdasync.config import Settings
 from sdasync.engines.base import GenerationRequest, GenerationResult, Progress
 from sdasync.errors import EngineRejected, EngineUnavailable, GenerationCancelled, SdasyncError
-from sdasync.models import TaskError, TaskStatus
+from sdasync.models import EngineHealth, Outcome, TaskError, TaskStatus
 from sdasync.service import Backends, TaskService, open_backends
 from sdasync.urls import url_for_path
 from sdasync.worker.loop import Worker, WorkerConfig
@@ -40,7 +40,7 @@ class ScriptedEngine:
     on_step: Callable[[int], None] | None = None
     capabilities: frozenset[str] = frozenset()
 
-    def setup(self) -> None: ...
+    def setup(self, stop: threading.Event | None = None) -> None: ...
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         self.calls += 1
@@ -58,8 +58,8 @@ class ScriptedEngine:
         return GenerationResult(images=[png(request.payload["width"], request.payload["height"])] * count,
                                 info={"seed": request.payload["seed"], "steps": steps})
 
-    def health(self) -> dict[str, Any]:
-        return {"ok": True}
+    def health(self) -> EngineHealth:
+        return EngineHealth(ok=True)
 
     def close(self) -> None: ...
 
@@ -84,7 +84,7 @@ def make_worker(backends: Backends, engine: ScriptedEngine, **config: Any) -> Wo
     config = {"visibility_timeout_s": 5, "max_attempts": 3, "wait_s": 0.05, "backoff_base_s": 0.01,
               "backoff_max_s": 0.02, "progress_interval_s": 0, **config}
     return Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, engine=engine,
-                  config=WorkerConfig(**config))
+                  config=WorkerConfig(**config), payloads=backends.payloads)
 
 
 def drain(worker: Worker) -> None:
@@ -100,7 +100,7 @@ def test_success_publishes_images_and_info(backends: Backends, service: TaskServ
     assert done.images == (f"{task.task_id}/0.png", f"{task.task_id}/1.png")
     assert done.attempts == 1
     assert done.info == {"seed": task.payload["seed"], "steps": 4}
-    assert done.progress is not None and done.progress["fraction"] == 1.0
+    assert done.progress is not None and done.progress.fraction == 1.0
     assert done.started_at is not None and done.finished_at is not None
     assert Image.open(io.BytesIO(backends.blobs.get(done.images[1]))).size == (64, 64)
     assert backends.queue.depth().visible == backends.queue.depth().in_flight == 0
@@ -214,7 +214,7 @@ def test_crash_loop_ends_failed(backends: Backends, service: TaskService) -> Non
     assert engine.calls == 0
     assert done.status is TaskStatus.FAILED
     assert done.error is not None and done.error.code == "attempts_exhausted"
-    assert [h["outcome"] for h in done.history] == ["lost", "lost", "lost"]
+    assert [h.outcome for h in done.history] == [Outcome.LOST] * 3
 
 
 def test_a_live_lease_is_not_taken_over(backends: Backends, service: TaskService) -> None:
@@ -251,7 +251,8 @@ def test_large_payloads_travel_through_the_blob_store(backends: Backends) -> Non
     task = service.submit(big)
     stored = service.get(task.task_id)
     assert stored.payload == {}
-    assert stored.extra["payloadRef"] == f"requests/{task.task_id}.json"
+    assert stored.extra["payload_ref"] == f"{task.task_id}.json"
+    assert backends.payloads.get(f"{task.task_id}.json")  # in the payload store, not among the results
     seen: list[dict[str, Any]] = []
 
     class Recording(ScriptedEngine):
@@ -263,7 +264,7 @@ def test_large_payloads_travel_through_the_blob_store(backends: Backends) -> Non
     assert seen[0]["prompt"] == "x" * 5000
     done = service.get(task.task_id)
     assert done.status is TaskStatus.SUCCEEDED
-    assert done.progress is not None and done.progress["steps"] == 4
+    assert done.progress is not None and done.progress.steps == 4
 
 
 def test_a_message_may_arrive_before_its_task(backends: Backends, service: TaskService) -> None:
@@ -295,7 +296,8 @@ def test_a_failed_send_stores_nothing(backends: Backends) -> None:
         def send(self, body: str, *, delay_s: float = 0) -> str:
             raise SdasyncError("queue down")
 
-    service = TaskService(Backends(queue=BrokenQueue(), store=backends.store, blobs=backends.blobs))  # type: ignore[arg-type]
+    service = TaskService(Backends(queue=BrokenQueue(), store=backends.store, blobs=backends.blobs,
+                                   payloads=backends.payloads))
     with pytest.raises(SdasyncError):
         service.submit(BODY)
     assert backends.store.list().tasks == []
@@ -319,8 +321,8 @@ def test_a_broken_engine_hands_the_task_back_and_stops(backends: Backends, servi
     task = service.submit(BODY)
 
     class Broken(ScriptedEngine):
-        def health(self) -> dict[str, Any]:
-            return {"ok": self.calls == 0, "restart": True, "detail": "CUDA context lost"}
+        def health(self) -> EngineHealth:
+            return EngineHealth(ok=self.calls == 0, restart=True, detail="CUDA context lost")
 
     worker = make_worker(backends, Broken(failures=[EngineUnavailable("CUDA error: an illegal memory access")]))
     worker.run(max_idle_s=0.3)
@@ -356,16 +358,16 @@ def test_an_engine_that_is_down_costs_no_attempts(backends: Backends, service: T
     probes = {"n": 0}
 
     class Flaky(ScriptedEngine):
-        def health(self) -> dict[str, Any]:
+        def health(self) -> EngineHealth:
             probes["n"] += 1
-            return {"ok": probes["n"] > 3}  # down for the first probes, then back
+            return EngineHealth(ok=probes["n"] > 3)  # down for the first probes, then back
 
     engine = Flaky(failures=[EngineUnavailable("connection refused")])
     worker = make_worker(backends, engine, engine_probe_s=0.01)
     worker.run(max_idle_s=0.5)
     done = service.get(task.task_id)
     assert done.status is TaskStatus.SUCCEEDED
-    assert [h["outcome"] for h in done.history] == ["released", "succeeded"]
+    assert [h.outcome for h in done.history] == ["released", "succeeded"]
     assert not worker.engine_down.is_set()
 
 
@@ -383,7 +385,7 @@ def test_drain_hands_a_long_task_back(backends: Backends, service: TaskService) 
     worker.run()
     released = service.get(task.task_id)
     assert released.status is TaskStatus.QUEUED
-    assert released.history[-1]["outcome"] == "released"
+    assert released.history[-1].outcome is Outcome.RELEASED
     assert backends.queue.depth().visible == 1  # handed back at once, not after the visibility timeout
 
 
@@ -400,8 +402,8 @@ def test_hand_backs_never_walk_a_task_into_the_dead_letter_queue(tight: Backends
     task = service.submit(BODY)
 
     class Down(ScriptedEngine):
-        def health(self) -> dict[str, Any]:
-            return {"ok": False}
+        def health(self) -> EngineHealth:
+            return EngineHealth(ok=False)
 
     for _ in range(6):  # more hand-backs than the queue allows receives
         worker = make_worker(tight, Down(failures=[EngineUnavailable("refused")]))

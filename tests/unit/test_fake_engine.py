@@ -17,7 +17,7 @@ from sdasync.backends.registry import resolve
 from sdasync.engines.base import Engine, GenerationRequest, Progress
 from sdasync.engines.fake import FakeEngine
 from sdasync.errors import ConfigError, EngineRejected, EngineTimeout, EngineUnavailable, GenerationCancelled
-from sdasync.models import Api
+from sdasync.models import Api, EngineHealth
 
 
 def request(api: Api = Api.TXT2IMG, **payload: Any) -> GenerationRequest:
@@ -60,8 +60,8 @@ def test_registry_and_protocol() -> None:
     assert resolve("engine", "fake://") is FakeEngine
     with FakeEngine() as engine:
         assert isinstance(engine, Engine)
-        assert engine.health()["ok"] is True
-    assert engine.health()["ok"] is False  # closed by the context manager
+        assert engine.health() == EngineHealth(ok=True, detail="ready", model="fake", extra={"seconds": 0.0})
+    assert engine.health().ok is False  # closed by the context manager
 
 
 def test_images_have_the_requested_size_and_count() -> None:

@@ -10,13 +10,28 @@ import pytest
 
 from sdasync import models
 from sdasync.backends.base import check_transition
-from sdasync.models import MUTABLE_FIELDS, TERMINAL, TRANSITIONS, Api, Task, TaskError, TaskStatus, can_transition
+from sdasync.models import (
+    MUTABLE_FIELDS,
+    TERMINAL,
+    TRANSITIONS,
+    Api,
+    AttemptRecord,
+    EngineHealth,
+    Outcome,
+    Task,
+    TaskError,
+    TaskProgress,
+    TaskStatus,
+    can_transition,
+    plain_field,
+)
 
 Q, R, S, F, C = (TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.SUCCEEDED, TaskStatus.FAILED,
                  TaskStatus.CANCELLED)
 
 #: Written out by hand so that any change to models.TRANSITIONS has to be made twice, on purpose.
 ALLOWED = {
+    (Q, Q),  # the sweeper re-sent a stranded task's message and says so in its history
     (Q, R), (Q, C), (Q, F),
     (R, R), (R, Q), (R, S), (R, F), (R, C),
     (F, Q),  # an operator's redrive of a dead-lettered task
@@ -111,28 +126,88 @@ def test_with_changes_touches_only_mutable_fields() -> None:
 
 
 def test_lease_and_history_are_mutable() -> None:
-    record = {"attempt": 1, "worker": "w1", "startedAt": 2.0, "endedAt": 3.5, "outcome": "retried",
+    record = {"attempt": 1, "worker": "w1", "started_at": 2.0, "ended_at": 3.5, "outcome": "retried",
               "error": {"code": "engine_unavailable", "message": "down"}}
     task = Task.new(Api.TXT2IMG, {}, now=1.0).with_changes(R, {"lease_until": 62.0}, now=2.0)
 
     moved = task.with_changes(Q, {"lease_until": None, "history": (record,)}, now=3.5)
 
     assert {"lease_until", "history"} <= MUTABLE_FIELDS
-    assert (task.lease_until, moved.lease_until, moved.history) == (62.0, None, (record,))
+    retried = AttemptRecord(attempt=1, worker="w1", started_at=2.0, ended_at=3.5, outcome=Outcome.RETRIED,
+                            error=TaskError("engine_unavailable", "down"))
+    assert (task.lease_until, moved.lease_until, moved.history) == (62.0, None, (retried,))
 
 
-@pytest.mark.parametrize("history", [(), [], ({"attempt": 1},), [{"attempt": 1}, {"attempt": 2, "outcome": "lost"}]])
-def test_history_records_are_plain_dicts(history: Any) -> None:
+RECORD = AttemptRecord(attempt=2, worker="host-1", started_at=10.5, ended_at=12.25, outcome=Outcome.LOST)
+
+
+def test_an_attempt_record_round_trips_through_snake_case() -> None:
+    failed = AttemptRecord(attempt=3, worker=None, started_at=None, ended_at=4.0, outcome=Outcome.FAILED,
+                           error=TaskError("engine_rejected", "no"))
+    for record in (RECORD, failed):
+        data = record.to_dict()
+        assert AttemptRecord.from_dict(data) == record
+        assert type(data["outcome"]) is str
+    assert RECORD.to_dict() == {"attempt": 2, "worker": "host-1", "started_at": 10.5, "ended_at": 12.25,
+                                "outcome": "lost", "error": None}
+
+
+def test_an_attempt_record_reads_the_camel_case_that_older_versions_stored() -> None:
+    legacy = {"attempt": 2, "worker": "host-1", "startedAt": 10.5, "endedAt": 12.25, "outcome": "lost", "error": None}
+    assert AttemptRecord.from_dict(legacy) == RECORD
+    # As DynamoDB gives integral numbers back: ints where floats went in.
+    assert AttemptRecord.from_dict({**legacy, "startedAt": 10, "attempt": 2.0}).started_at == 10.0
+
+
+def test_tasks_coerce_history_and_progress_from_plain_data() -> None:
+    task = Task(task_id="t", api=Api.TXT2IMG, payload={}, history=[RECORD.to_dict(), RECORD],  # type: ignore[arg-type]
+                progress={"fraction": 0.5, "step": 2, "steps": 4, "etaSeconds": 1.5})  # type: ignore[arg-type]
+
+    assert task.history == (RECORD, RECORD)
+    assert task.progress == TaskProgress(fraction=0.5, step=2, steps=4, eta_s=1.5)
+    assert plain_field("history", task.history) == [RECORD.to_dict(), RECORD.to_dict()]
+    assert plain_field("progress", task.progress) == {"fraction": 0.5, "step": 2, "steps": 4, "eta_s": 1.5}
+    assert plain_field("progress", None) is None
+    assert Task(task_id="t", api=Api.TXT2IMG, payload={}, progress={}).progress == TaskProgress()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("history", [(), [], ({"attempt": 1, "outcome": "retried"},),
+                                     [{"attempt": 1, "outcome": "redriven"}, RECORD]])
+def test_history_records_are_attempt_records(history: Any) -> None:
     records = models.history_records(history)
 
-    assert records == [dict(r) for r in history]
-    assert all(type(r) is dict for r in records)
+    assert len(records) == len(history)
+    assert all(type(r) is AttemptRecord for r in records)
 
 
-@pytest.mark.parametrize("history", ["attempts", b"x", {"attempt": 1}, [1], [None], ({"attempt": 1}, "x"), 5, None])
+@pytest.mark.parametrize("history", ["attempts", b"x", {"attempt": 1}, [1], [None], ({"attempt": 1}, "x"), 5, None,
+                                     [{"attempt": 1}], [{"outcome": "lost"}], [{"attempt": 1, "outcome": "won"}],
+                                     [{"attempt": "one", "outcome": "lost"}], [{"attempt": True, "outcome": "lost"}],
+                                     [{"attempt": 1, "outcome": "lost", "error": "boom"}]])
 def test_history_of_the_wrong_shape_is_refused(history: Any) -> None:
     with pytest.raises(ValueError, match="history must be"):
         models.history_records(history)
+    with pytest.raises(ValueError, match="history must be"):
+        Task(task_id="t", api=Api.TXT2IMG, payload={}, history=history)
+
+
+@pytest.mark.parametrize("progress", ["half", [0.5], {"fraction": "half"}, {"step": None}])
+def test_progress_of_the_wrong_shape_is_refused(progress: Any) -> None:
+    with pytest.raises(ValueError, match="progress must be"):
+        plain_field("progress", progress)
+
+
+def test_outcome_strings_are_stable() -> None:
+    # Stored in every task's history: renaming one would orphan what is already written.
+    assert [str(o) for o in Outcome] == ["succeeded", "failed", "retried", "released", "cancelled", "lost",
+                                         "redriven", "requeued"]
+    assert Outcome("lost") is Outcome.LOST
+
+
+def test_engine_health_round_trips_through_a_dict() -> None:
+    health = EngineHealth(ok=False, detail="CUDA lost", loaded=True, restart=True, model="m", extra={"device": "cuda"})
+    assert EngineHealth.from_dict(health.to_dict()) == health
+    assert EngineHealth(ok=True).to_dict() == {"ok": True}
 
 
 def test_mutable_fields_are_task_fields_but_not_identity_or_status() -> None:

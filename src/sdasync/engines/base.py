@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self, runtime_checkable
 
-from sdasync.models import Api
+from sdasync.models import Api, EngineHealth
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,10 @@ class GenerationResult:
 class Engine(Protocol):
     capabilities: frozenset[str]
 
-    def setup(self) -> None:
-        """Load the model or wait until the remote engine is ready. Called once before the first generate.
-        Raises EngineUnavailable, ConfigError."""
+    def setup(self, stop: threading.Event | None = None) -> None:
+        """Load the model or wait until the remote engine is ready. Called once before the first generate. A wait
+        ends promptly once ``stop`` is set (the worker was asked to stop): EngineUnavailable. Logs what it waits
+        for. Raises EngineUnavailable, ConfigError."""
         ...
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -59,8 +61,8 @@ class Engine(Protocol):
         GenerationCancelled."""
         ...
 
-    def health(self) -> dict[str, Any]:
-        """``{"ok": bool, ...}`` without raising; cheap enough for a health endpoint."""
+    def health(self) -> EngineHealth:
+        """What the engine says of itself, without raising; cheap enough for a heartbeat."""
         ...
 
     def close(self) -> None: ...

@@ -3,7 +3,8 @@
 URL: ``diffusers://<model>?device=auto|cpu|cuda|mps&dtype=auto|float32|float16|bfloat16``
 
 - ``diffusers://tiny``: the built-in tiny random-weight model (``sdasync.engines.tiny``; it draws noise), built
-  once into ``<models_dir>/tiny``. ``models_dir`` defaults to ``$XDG_CACHE_HOME/sdasync/models``.
+  once into ``<models_dir>/tiny``. ``models_dir`` defaults to ``<cache_dir>/sdasync/models``
+  (``cache_dir``: a constructor and ``from_url`` keyword, default ``~/.cache``).
 - ``diffusers:///relative/folder`` or ``diffusers:////absolute/folder``: a diffusers-format folder
   (``model_index.json``), three slashes relative to the working directory, four absolute.
 - ``diffusers://org/name``: a hub id, read from the local Hugging Face cache only; nothing is ever downloaded.
@@ -37,7 +38,7 @@ import binascii
 import importlib.util
 import inspect
 import io
-import os
+import logging
 import re
 import threading
 import time
@@ -54,7 +55,7 @@ from sdasync.engines.deadline import Deadline
 from sdasync.engines.infotext import GenerationParams, build_info, encode_png, infotext
 from sdasync.engines.samplers import SCHEDULES, SIGMA_FLAGS, check_unsupported, scheduler_choice
 from sdasync.errors import ConfigError, EngineError, EngineRejected, EngineUnavailable, GenerationCancelled
-from sdasync.models import Api
+from sdasync.models import Api, EngineHealth
 from sdasync.urls import path_from_url, query_params
 
 PARAMS: dict[str, type[Any]] = {"device": str, "dtype": str}
@@ -63,9 +64,11 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 REQUIRED_MODULES = ("torch", "diffusers", "transformers")
 
-def default_models_dir() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "sdasync" / "models"
+log = logging.getLogger(__name__)
+
+
+def default_models_dir(cache_dir: Path | None = None) -> Path:
+    return (cache_dir or Path.home() / ".cache") / "sdasync" / "models"
 
 
 def decode_init_image(data: object, width: int, height: int) -> Any:
@@ -86,7 +89,8 @@ class DiffusersEngine:
     capabilities: frozenset[str] = frozenset({"txt2img", "img2img", "progress", "cancel", "deterministic", "local"})
 
     def __init__(
-        self, model: str | Path, *, device: str = "auto", dtype: str = "auto", models_dir: Path | None = None
+        self, model: str | Path, *, device: str = "auto", dtype: str = "auto", models_dir: Path | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
         """``model``: "tiny", a hub id (str), or a diffusers folder (Path)."""
         if not DEVICE.match(device):
@@ -98,7 +102,7 @@ class DiffusersEngine:
         self.model = model
         self.device = device
         self.dtype = dtype
-        self.models_dir = models_dir or default_models_dir()
+        self.models_dir = models_dir or default_models_dir(cache_dir)
         self.model_name = tiny.MODEL_NAME if model == "tiny" else Path(model).name or str(model)
         self._lock = threading.RLock()
         self._txt2img: Any = None
@@ -107,7 +111,8 @@ class DiffusersEngine:
         self._broken: str | None = None
 
     @classmethod
-    def from_url(cls, url: str, *, models_dir: Path | None = None, **_: object) -> Self:
+    def from_url(cls, url: str, *, models_dir: Path | None = None, cache_dir: Path | None = None,
+                 **_: object) -> Self:
         missing = [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
         if missing:
             raise ConfigError("diffusers:// needs torch and diffusers: pip install 'sdasync[diffusers]'")
@@ -127,7 +132,7 @@ class DiffusersEngine:
                     f"{url!r}: not a hub id (org/name); use diffusers://tiny, diffusers:///relative/folder or "
                     "diffusers:////absolute/folder"
                 )
-        return cls(model, models_dir=models_dir, **params)
+        return cls(model, models_dir=models_dir, cache_dir=cache_dir, **params)
 
     def __enter__(self) -> Self:
         return self
@@ -150,10 +155,14 @@ class DiffusersEngine:
             raise ConfigError(f"{self.model} is a single-file checkpoint; convert it to a diffusers folder")
         raise ConfigError(f"{self.model} is not a diffusers model folder (no model_index.json)")
 
-    def setup(self) -> None:
+    def setup(self, stop: threading.Event | None = None) -> None:
+        """Load the model. A load cannot be interrupted half-way; a stop requested before it begins skips it."""
         with self._lock:
             if self._txt2img is not None:
                 return
+            if stop is not None and stop.is_set():
+                raise EngineUnavailable(f"stopped before loading model {self.model!r}")
+            log.info("loading model %r", self.model)
             import torch
 
             diffusers = tiny.import_untyped("diffusers")
@@ -200,20 +209,16 @@ class DiffusersEngine:
             raise ConfigError("diffusers://: device mps asked for, but torch sees no MPS device")
         return self.device
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> EngineHealth:
         loaded = self._txt2img is not None
-        health: dict[str, Any] = {
-            # Not loaded is healthy: the API process only reports the engine its workers load in-process.
-            "ok": self._broken is None,
-            "model": self.model_name,
-            "loaded": loaded,
-            "device": self._resolved_device or self.device,
-        }
+        device = self._resolved_device or self.device
         if self._broken is not None:
-            health["detail"] = self._broken
             # The device context does not come back in this process: the worker exits to be restarted.
-            health["restart"] = True
-        return health
+            return EngineHealth(ok=False, detail=self._broken, loaded=loaded, restart=True, model=self.model_name,
+                                extra={"device": device})
+        # Not loaded is healthy: a worker reports "loading" in its registry record until setup() returns.
+        return EngineHealth(ok=True, detail="ready" if loaded else "not loaded", loaded=loaded,
+                            model=self.model_name, extra={"device": device})
 
     def close(self) -> None:
         with self._lock:

@@ -31,7 +31,7 @@ from sdasync.engines.base import GenerationRequest, GenerationResult, Progress
 from sdasync.engines.deadline import Deadline
 from sdasync.engines.infotext import GenerationParams, build_info, encode_png, infotext
 from sdasync.errors import ConfigError, EngineRejected, EngineUnavailable, GenerationCancelled
-from sdasync.models import Api
+from sdasync.models import Api, EngineHealth
 from sdasync.urls import query_params
 
 MODEL_NAME = "fake"
@@ -90,11 +90,13 @@ class FakeEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def setup(self) -> None:
+    def setup(self, stop: threading.Event | None = None) -> None:
         self._closed.clear()
 
-    def health(self) -> dict[str, Any]:
-        return {"ok": not self._closed.is_set(), "model": MODEL_NAME, "seconds": self.seconds}
+    def health(self) -> EngineHealth:
+        ok = not self._closed.is_set()
+        return EngineHealth(ok=ok, detail="ready" if ok else "closed", model=MODEL_NAME,
+                            extra={"seconds": self.seconds})
 
     def close(self) -> None:
         # Wakes a generate that is waiting out its delay, so shutdown is not held up by a long fake job.

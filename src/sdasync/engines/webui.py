@@ -35,6 +35,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -55,7 +56,10 @@ from sdasync.errors import (
     EngineUnavailable,
     GenerationCancelled,
 )
+from sdasync.models import EngineHealth
 from sdasync.urls import query_params
+
+log = logging.getLogger(__name__)
 
 PROBE_PATH = "/sdapi/v1/sd-models"
 PARAMS: dict[str, type[Any]] = {"connect_timeout": float, "read_timeout": float, "ready_timeout": float}
@@ -63,6 +67,22 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: Probe spacing while waiting for readiness: starts short (a WebUI restarting fast is seen quickly), grows to 2 s.
 PROBE_INTERVAL_S = (0.05, 2.0)
 HEALTH_TIMEOUT_S = 2.0
+#: How often a readiness wait says in the log that it is still waiting.
+WAIT_LOG_EVERY_S = 15.0
+
+
+def _wait_any(events: tuple[threading.Event | None, ...], timeout: float) -> bool:
+    """Wait up to ``timeout`` for any of ``events``; True as soon as one is set. Short slices: Event has no
+    multi-wait, and a stop request should end the wait within a fraction of a second."""
+    deadline = time.monotonic() + timeout
+    present = [event for event in events if event is not None]
+    while True:
+        if any(event.is_set() for event in present):
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        present[0].wait(min(left, 0.1))
 
 
 def decode_image(data: object) -> bytes:
@@ -191,11 +211,17 @@ class WebuiEngine:
     def _probe(self, timeout: float) -> httpx.Response:
         return self.client.get(f"{self.base_url}{PROBE_PATH}", timeout=httpx.Timeout(timeout))
 
-    def setup(self) -> None:
-        """Wait until the WebUI answers the probe route, for at most ``ready_timeout`` seconds."""
-        deadline = time.monotonic() + self.ready_timeout
+    def setup(self, stop: threading.Event | None = None) -> None:
+        """Wait until the WebUI answers the probe route, for at most ``ready_timeout`` seconds; ``stop`` (or
+        ``close()``) ends the wait at once. The log says what it waits for, at the start and every
+        ``WAIT_LOG_EVERY_S``: a worker stuck here otherwise looks idle while tasks queue up."""
+        start = time.monotonic()
+        deadline = start + self.ready_timeout
         interval, max_interval = PROBE_INTERVAL_S
         last = "no answer yet"
+        next_log = start + WAIT_LOG_EVERY_S
+        log.info("waiting for the WebUI at %s to answer %s (up to %g s)", self.base_url, PROBE_PATH,
+                 self.ready_timeout)
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -204,6 +230,7 @@ class WebuiEngine:
                 last = f"{type(exc).__name__}: {exc}"
             else:
                 if response.status_code == 200:
+                    log.info("the WebUI at %s is ready after %.1f s", self.base_url, time.monotonic() - start)
                     return
                 if response.status_code in (401, 403):
                     raise ConfigError(
@@ -213,21 +240,27 @@ class WebuiEngine:
                 last = f"HTTP {response.status_code} from {PROBE_PATH}"
                 if response.status_code == 404:
                     last += " (is the WebUI started with --api?)"
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 raise EngineUnavailable(f"WebUI at {self.base_url} not ready after {self.ready_timeout:g} s: {last}")
-            # Waiting on the close event both paces the probes and lets close() abort a long readiness wait.
-            if self._closed.wait(min(interval, remaining)):
-                raise EngineUnavailable("WebUI engine closed while waiting for readiness")
+            if now >= next_log:
+                log.warning("still waiting for the WebUI at %s: %.0f s so far, %.0f s left; last: %s",
+                            self.base_url, now - start, remaining, last)
+                next_log = now + WAIT_LOG_EVERY_S
+            # Waiting on the events both paces the probes and lets a stop request or close() end the wait.
+            if _wait_any((self._closed, stop), min(interval, remaining)):
+                raise EngineUnavailable(f"stopped while waiting for the WebUI at {self.base_url} ({last})")
             interval = min(interval * 2, max_interval)
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> EngineHealth:
         try:
             response = self._probe(min(HEALTH_TIMEOUT_S, self.connect_timeout))
         except Exception as exc:  # health must never raise, whatever the transport does
-            return {"ok": False, "url": self.base_url, "detail": f"{type(exc).__name__}: {exc}"}
+            return EngineHealth(ok=False, detail=f"{type(exc).__name__}: {exc}", extra={"url": self.base_url})
         ok = response.status_code == 200
-        return {"ok": ok, "url": self.base_url, "detail": "ready" if ok else f"HTTP {response.status_code}"}
+        return EngineHealth(ok=ok, detail="ready" if ok else f"HTTP {response.status_code}",
+                            extra={"url": self.base_url})
 
     def close(self) -> None:
         self._closed.set()

@@ -9,42 +9,72 @@ the message comes back anyway (a duplicate delivery, a failed extend).
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
 from sdasync.backends.base import Queue, TaskStore
 from sdasync.engines.base import Progress
 from sdasync.errors import ReceiptInvalid, SdasyncError, TaskConflict
-from sdasync.models import Task, TaskError, TaskStatus
+from sdasync.models import COUNTED_OUTCOMES, AttemptRecord, Outcome, Task, TaskError, TaskProgress, TaskStatus
 from sdasync.worker.faults import fault_point
 
 log = logging.getLogger(__name__)
 
-#: History outcomes that use up one of a task's attempts. A ``released`` attempt (drain, spot notice, engine down)
-#: was the worker's doing, not the task's, and costs nothing.
-COUNTED = frozenset({"retried", "failed", "lost"})
-#: Why a running attempt was told to stop.
-CANCELLED, FENCED, DRAIN = "cancelled", "fenced", "drain"
 
 
-def record(task: Task, outcome: str, *, error: TaskError | None = None, now: float | None = None,
-           attempt: int | None = None, worker: str | None = None) -> dict[str, Any]:
-    return {"attempt": task.attempts if attempt is None else attempt, "worker": worker or task.worker,
-            "startedAt": task.started_at, "endedAt": time.time() if now is None else now, "outcome": outcome,
-            "error": error.to_dict() if error else None}
+class GuardReason(enum.StrEnum):
+    """Why a running attempt was told to stop."""
+
+    #: The task was cancelled.
+    CANCELLED = "cancelled"
+    #: A newer attempt owns the task (this one's lease ran out and another worker claimed it).
+    FENCED = "fenced"
+    #: The worker's drain timeout ran out: the task is handed back.
+    DRAIN = "drain"
 
 
-def used_attempts(history: Iterable[Mapping[str, Any]]) -> int:
+class HandleOutcome(enum.StrEnum):
+    """What ``Worker.handle`` did with one delivery (the worker's counters, and the tests' assertions)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RETRIED = "retried"
+    #: Handed back without using an attempt (drain, engine down).
+    RELEASED = "released"
+    CANCELLED = "cancelled"
+    #: A newer attempt owns the task: this one published nothing.
+    FENCED = "fenced"
+    #: The task was already finished: the message was acknowledged (or dead-lettered).
+    DUPLICATE = "duplicate"
+    #: The task is not written yet: the message comes back shortly.
+    EARLY = "early"
+    #: The task was never written: the message was dropped.
+    ORPHAN = "orphan"
+    #: A backend failed mid-way: the message is left to reappear.
+    DEFERRED = "deferred"
+    #: Another worker holds the task under a live lease: the message comes back when that lease would end.
+    CONTENDED = "contended"
+
+
+def record(task: Task, outcome: Outcome, *, error: TaskError | None = None, now: float | None = None,
+           attempt: int | None = None, worker: str | None = None) -> AttemptRecord:
+    return AttemptRecord(attempt=task.attempts if attempt is None else attempt, worker=worker or task.worker,
+                         started_at=task.started_at, ended_at=time.time() if now is None else now,
+                         outcome=outcome, error=error)
+
+
+def used_attempts(history: Iterable[AttemptRecord]) -> int:
     """Attempts that count against ``--max-attempts``: since the operator's last redrive, if any."""
     used = 0
     for entry in history:
-        if entry.get("outcome") == "redriven":
+        if entry.outcome is Outcome.REDRIVEN:
             used = 0
-        elif entry.get("outcome") in COUNTED:
+        elif entry.outcome in COUNTED_OUTCOMES:
             used += 1
     return used
 
@@ -61,8 +91,8 @@ class AttemptGuard:
         self.progress_interval_s = progress_interval_s
         self.tick_s = tick_s
         self.clock = clock
-        #: Why the attempt must stop (CANCELLED, FENCED, DRAIN), or None.
-        self.reason: str | None = None
+        #: Why the attempt must stop, or None.
+        self.reason: GuardReason | None = None
         self._interrupted = threading.Event()
         self._stop = threading.Event()
         self._last_progress = 0.0
@@ -75,7 +105,7 @@ class AttemptGuard:
     def interrupted(self) -> bool:
         return self._interrupted.is_set()
 
-    def interrupt(self, reason: str) -> None:
+    def interrupt(self, reason: GuardReason) -> None:
         if self.reason is None:
             self.reason = reason
         self._interrupted.set()
@@ -109,9 +139,9 @@ class AttemptGuard:
 
     def _judge(self, current: Task) -> None:
         if current.status is TaskStatus.CANCELLED:
-            self.interrupt(CANCELLED)
+            self.interrupt(GuardReason.CANCELLED)
         elif current.status is not TaskStatus.RUNNING or current.attempts != self.attempt:
-            self.interrupt(FENCED)
+            self.interrupt(GuardReason.FENCED)
 
     def _extend(self) -> None:
         try:
@@ -130,8 +160,8 @@ class AttemptGuard:
         if now - self._last_progress < self.progress_interval_s and progress.step < progress.steps:
             return
         self._last_progress = now
-        self._write({"progress": {"fraction": round(progress.fraction, 4), "step": progress.step,
-                                  "steps": progress.steps, "etaSeconds": progress.eta_s}})
+        self._write({"progress": TaskProgress(fraction=round(progress.fraction, 4), step=progress.step,
+                                              steps=progress.steps, eta_s=progress.eta_s)})
 
     def _write(self, changes: dict[str, Any]) -> None:
         try:
@@ -141,6 +171,6 @@ class AttemptGuard:
             if isinstance(exc.current, Task):
                 self._judge(exc.current)
             else:
-                self.interrupt(FENCED)
+                self.interrupt(GuardReason.FENCED)
         except SdasyncError as exc:
             log.warning("task %s: %s not written: %s", self.task.task_id, ", ".join(changes), exc)

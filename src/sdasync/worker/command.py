@@ -14,6 +14,7 @@ from sdasync.backends.registry import open_engine
 from sdasync.config import Settings
 from sdasync.errors import ConfigError
 from sdasync.service import open_backends
+from sdasync.worker import faults
 from sdasync.worker.interruption import SpotInterruptionWatcher
 from sdasync.worker.loop import Worker, WorkerConfig
 
@@ -27,25 +28,34 @@ SPOT_DRAIN_S = 80.0
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    drain_timeout = float(args.drain_timeout if getattr(args, "drain_timeout", None) is not None
+                          else settings.drain_timeout)
+    generation_timeout = getattr(args, "generation_timeout", None) or settings.generation_timeout
     config = WorkerConfig(visibility_timeout_s=settings.visibility_timeout, max_attempts=settings.max_attempts,
-                          drain_timeout_s=args.drain_timeout, generation_timeout_s=args.generation_timeout)
+                          drain_timeout_s=drain_timeout, generation_timeout_s=generation_timeout,
+                          engine_url=settings.engine)
+    faults.configure(faults=settings.faults, fault_errors=settings.fault_errors, seed=settings.fault_seed)
     with open_backends(settings) as backends, \
-            open_engine(settings.engine, models_dir=settings.models_dir) as engine:
+            open_engine(settings.engine, models_dir=settings.models_dir, cache_dir=settings.cache_dir) as engine:
         if backends.queue.max_receives <= settings.max_attempts:
             raise ConfigError(f"the queue dead-letters a message after {backends.queue.max_receives} receives, "
                               f"which leaves no room for --max-attempts {settings.max_attempts}; raise the "
                               f"queue's max_receives above it")
-        protection = _asg_protection(args)
+        protection = _asg_protection(args, settings)
         worker = Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, engine=engine,
-                        config=config, on_busy=protection.busy if protection is not None else None)
+                        config=config, on_busy=protection.busy if protection is not None else None,
+                        payloads=backends.payloads)
         install_stop_handlers(worker.request_stop)
         if args.parent_pid:
             from sdasync.supervisor import watch_parent
 
             watch_parent(args.parent_pid, worker.request_stop)
-        watcher = _spot_watcher(args, worker, config)
+        watcher = _spot_watcher(args, settings, worker, config)
         try:
-            worker.run(burst=args.burst, max_tasks=args.max_tasks, max_idle_s=args.max_idle)
+            # Flags are moving into Settings: one given on the command line still wins, until that is done.
+            worker.run(burst=bool(getattr(args, "burst", False) or settings.burst),
+                       max_tasks=getattr(args, "max_tasks", None) or settings.max_tasks,
+                       max_idle_s=_max_idle(args, settings))
         finally:
             if watcher is not None:
                 watcher.stop()
@@ -54,23 +64,30 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     return worker.exit_code
 
 
-def _asg_protection(args: argparse.Namespace) -> InstanceProtection | None:
+def _max_idle(args: argparse.Namespace, settings: Settings) -> float | None:
+    value = getattr(args, "max_idle", None)
+    return settings.max_idle if value is None else float(value)
+
+
+def _asg_protection(args: argparse.Namespace, settings: Settings) -> InstanceProtection | None:
     """Scale-in protection while busy, for workers in an Auto Scaling group (see scaler/actuators/asg.py)."""
-    group = getattr(args, "asg_protect", None)
+    group = getattr(args, "asg_protect", None) or settings.asg_protect
     if not group:
         return None
     from sdasync.scaler.actuators.asg import InstanceProtection, instance_id_from_imds
 
-    return InstanceProtection(group, instance_id_from_imds())
+    return InstanceProtection(group, instance_id_from_imds(base_url=settings.imds_url,
+                                                           instance_id=settings.instance_id))
 
 
-def _spot_watcher(args: argparse.Namespace, worker: Worker, config: WorkerConfig) -> SpotInterruptionWatcher | None:
+def _spot_watcher(args: argparse.Namespace, settings: Settings, worker: Worker,
+                  config: WorkerConfig) -> SpotInterruptionWatcher | None:
     """Watch instance metadata for a spot interruption or rebalance notice, and drain on the first one.
 
-    On only when asked (``--watch-spot``, or an explicit ``SDASYNC_IMDS_URL``): off EC2 the metadata address
-    belongs to nobody, and a worker should not probe it unasked."""
-    imds_url = os.environ.get("SDASYNC_IMDS_URL")
-    if not (args.watch_spot or imds_url):
+    On only when asked (``--watch-spot``, or an explicit ``imds_url``): off EC2 the metadata address belongs to
+    nobody, and a worker should not probe it unasked."""
+    imds_url = settings.imds_url
+    if not (getattr(args, "watch_spot", False) or settings.watch_spot or imds_url):
         return None
     drain_s = min(config.drain_timeout_s, SPOT_DRAIN_S)
 

@@ -4,10 +4,8 @@ A spot instance gets a two-minute warning at ``latest/meta-data/spot/instance-ac
 ``{"action": "terminate|stop|hibernate", "time": "..."}``); a rebalance recommendation, which may come earlier, at
 ``latest/meta-data/events/recommendations/rebalance`` (``{"noticeTime": "..."}``). AWS suggests polling every 5 s.
 
-Every read uses IMDSv2: ``PUT latest/api/token`` with ``X-aws-ec2-metadata-token-ttl-seconds`` gives a session token,
-sent back as ``X-aws-ec2-metadata-token``. Instances may require it (``HttpTokens=required``, the default for new
-instance types), so IMDSv1 is never tried. The token is cached until shortly before its TTL; a 401 (expired, or IMDS
-restarted) fetches a new one and retries once.
+Every read goes through ``sdasync.imds.ImdsClient`` (IMDSv2 only: a session token, cached until shortly before its
+TTL, renewed after a 401).
 
 The first notice calls ``on_notice(kind, detail)`` once, with kind ``"spot-interruption"`` or
 ``"rebalance-recommendation"`` (an interruption wins if both are present), and the watcher stops: the worker's
@@ -25,40 +23,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, Self
 
 import httpx
 
+from sdasync.errors import MetadataError, MetadataUnavailable
+from sdasync.imds import MAX_TOKEN_TTL_S, TIMEOUT, ImdsClient
+
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_URL = "http://169.254.169.254"
-BASE_URL_ENV = "SDASYNC_IMDS_URL"
-# ruff's S105 reads "TOKEN" in a name as a hardcoded secret; these are a URL path and header names.
-TOKEN_PATH = "/latest/api/token"  # noqa: S105
 INSTANCE_ACTION_PATH = "/latest/meta-data/spot/instance-action"
 REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
-TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"  # noqa: S105
-TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105
-#: The longest TTL IMDS grants (6 hours).
-MAX_TOKEN_TTL_S = 21600
 SPOT_INTERRUPTION = "spot-interruption"
 REBALANCE_RECOMMENDATION = "rebalance-recommendation"
-#: IMDS answers in milliseconds on EC2; anything slower means it is not there.
-TIMEOUT = httpx.Timeout(2.0, connect=1.0)
 
 Notice = tuple[str, dict[str, Any]]
-
-
-class _Unreachable(Exception):
-    """Nothing answers at the metadata address (or it refuses tokens): most likely not on EC2."""
-
-
-class _Unexpected(Exception):
-    """IMDS answered, but not as documented."""
 
 
 class SpotInterruptionWatcher:
@@ -74,21 +55,16 @@ class SpotInterruptionWatcher:
         token_ttl_s: int = MAX_TOKEN_TTL_S,
         client: httpx.Client | None = None,
     ) -> None:
-        """``base_url`` defaults to ``$SDASYNC_IMDS_URL``, else ``http://169.254.169.254``. ``client`` replaces the
-        default one (no environment proxies: a proxy would answer for the link-local address, or swallow it)."""
+        """``base_url``: the metadata service (None: EC2's own address; ``Settings.imds_url`` in the worker).
+        ``client`` replaces the default HTTP client (which ignores environment proxies)."""
         if interval_s <= 0 or unavailable_interval_s <= 0:
             raise ValueError("interval_s and unavailable_interval_s must be > 0")
-        if not 1 <= token_ttl_s <= MAX_TOKEN_TTL_S:
-            raise ValueError(f"token_ttl_s must be between 1 and {MAX_TOKEN_TTL_S}, got {token_ttl_s}")
         self.on_notice = on_notice
-        self.base_url = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
+        self._imds = ImdsClient(base_url, token_ttl_s=token_ttl_s, timeout=TIMEOUT, client=client)
+        self.base_url = self._imds.base_url
         self.interval_s = interval_s
         self.unavailable_interval_s = unavailable_interval_s
         self.token_ttl_s = token_ttl_s
-        self._client = client or httpx.Client(timeout=TIMEOUT, trust_env=False)
-        self._owns_client = client is None
-        self._token: str | None = None
-        self._token_renew_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: The notice delivered, once there is one.
@@ -109,8 +85,6 @@ class SpotInterruptionWatcher:
         """Start polling on a daemon thread (the first check at once). Starting a running watcher does nothing."""
         if self.running:
             return
-        if self._owns_client and self._client.is_closed:  # started again after a stop()
-            self._client = httpx.Client(timeout=TIMEOUT, trust_env=False)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="spot-interruption-watcher", daemon=True)
         self._thread.start()
@@ -122,8 +96,8 @@ class SpotInterruptionWatcher:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
-        if self._owns_client and not self.running:
-            self._client.close()
+        if not self.running:
+            self._imds.close()  # a start() after this opens a fresh connection pool
 
     def __enter__(self) -> Self:
         self.start()
@@ -161,10 +135,10 @@ class SpotInterruptionWatcher:
             if notice is None:
                 rebalance = self._get(REBALANCE_PATH)
                 notice = (REBALANCE_RECOMMENDATION, rebalance) if rebalance is not None else None
-        except _Unreachable as exc:
+        except MetadataUnavailable as exc:
             self._set_available(False, str(exc))
             return None
-        except _Unexpected as exc:
+        except MetadataError as exc:
             self._set_available(True)
             if not self._unexpected_logged:
                 log.warning("instance metadata at %s answered unexpectedly: %s; still watching", self.base_url, exc)
@@ -190,49 +164,13 @@ class SpotInterruptionWatcher:
             )
         self.available = available
 
-    def _token_value(self) -> str:
-        now = time.monotonic()
-        if self._token is not None and now < self._token_renew_at:
-            return self._token
-        try:
-            response = self._client.put(
-                f"{self.base_url}{TOKEN_PATH}", headers={TOKEN_TTL_HEADER: str(self.token_ttl_s)}
-            )
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise _Unreachable(f"{type(exc).__name__}: {exc}") from exc
-        except httpx.HTTPError as exc:
-            raise _Unexpected(f"token request failed: {type(exc).__name__}: {exc}") from exc
-        # 403: IMDS is turned off for this instance; 404/405: whatever answers is not IMDSv2.
-        if response.status_code in (403, 404, 405):
-            raise _Unreachable(f"token request answered HTTP {response.status_code}")
-        token = response.text.strip()
-        if response.status_code != 200 or not token:
-            raise _Unexpected(f"token request answered HTTP {response.status_code}")
-        # Renew a little before IMDS expires it, so a token never dies between this check and its use.
-        self._token, self._token_renew_at = token, now + self.token_ttl_s * 0.9
-        return token
-
     def _get(self, path: str) -> dict[str, Any] | None:
         """The JSON document at ``path``, or None on 404."""
-        for attempt in (1, 2):
-            token = self._token_value()
-            try:
-                response = self._client.get(f"{self.base_url}{path}", headers={TOKEN_HEADER: token})
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                raise _Unreachable(f"{type(exc).__name__}: {exc}") from exc
-            except httpx.HTTPError as exc:
-                raise _Unexpected(f"{path}: {type(exc).__name__}: {exc}") from exc
-            if response.status_code == 401 and attempt == 1:
-                # Expired or unknown to IMDS (a token does not survive an IMDS restart): a fresh one, one retry.
-                self._token = None
-                continue
-            break
-        if response.status_code == 404:
+        text = self._imds.get(path)
+        if text is None:
             return None
-        if response.status_code != 200:
-            raise _Unexpected(f"{path} answered HTTP {response.status_code}")
         try:
-            body = json.loads(response.text)
+            body = json.loads(text)
         except ValueError:
-            return {"raw": response.text}
-        return body if isinstance(body, dict) else {"raw": response.text}
+            return {"raw": text}
+        return body if isinstance(body, dict) else {"raw": text}

@@ -15,13 +15,10 @@ again with a higher attempt number, which fences off any write the first one mig
 from __future__ import annotations
 
 import logging
-import os
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from sdasync.backends.base import BlobStore, Message, Queue, TaskStore
@@ -37,10 +34,13 @@ from sdasync.errors import (
     TaskNotFound,
     UnexpectedError,
 )
-from sdasync.models import Task, TaskError, TaskStatus
+from sdasync.models import AttemptRecord, EngineHealth, Outcome, Task, TaskError, TaskProgress, TaskStatus
 from sdasync.service import load_payload
-from sdasync.worker.attempt import CANCELLED, DRAIN, FENCED, AttemptGuard, record, used_attempts
+from sdasync.worker.attempt import AttemptGuard, GuardReason, HandleOutcome, record, used_attempts
+from sdasync.worker.engine_wait import EngineWatch
 from sdasync.worker.faults import fault_error, fault_point
+from sdasync.worker.options import WorkerConfig as WorkerConfig  # where its callers have always found it
+from sdasync.worker.registry import Heartbeat, public_url
 
 log = logging.getLogger(__name__)
 
@@ -51,48 +51,46 @@ EXIT_ENGINE_BROKEN = 3
 ORPHAN_RECEIVES = 5
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    visibility_timeout_s: float = 60.0
-    max_attempts: int = 3
-    #: Long-poll wait per receive; also how quickly an idle worker notices a stop request.
-    wait_s: float = 1.0
-    backoff_base_s: float = 2.0
-    backoff_max_s: float = 120.0
-    #: Progress is written to the task store at most this often.
-    progress_interval_s: float = 1.0
-    #: After a stop request, how long the current task may run before it is interrupted and handed back.
-    drain_timeout_s: float = 90.0
-    #: How often a worker whose engine is down probes it (doubling up to 8 times this).
-    engine_probe_s: float = 2.0
-    #: A generation running longer is interrupted and retried; None derives it from steps, size and images.
-    generation_timeout_s: float | None = None
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-
-
 class Worker:
     def __init__(self, *, queue: Queue, store: TaskStore, blobs: BlobStore, engine: Engine,
-                 config: WorkerConfig | None = None, on_busy: Callable[[bool], None] | None = None) -> None:
+                 config: WorkerConfig | None = None, on_busy: Callable[[bool], None] | None = None,
+                 payloads: BlobStore | None = None) -> None:
         self.queue = queue
         #: Told True when a task arrives and False when a receive comes back empty (ASG scale-in protection).
         self.on_busy = on_busy
         self.store = store
         self.blobs = blobs
-        self.engine = engine
+        #: Where large request payloads live; callers that keep them with the results pass nothing.
+        self.payloads = blobs if payloads is None else payloads
+        self._engine = engine
         self.config = config or WorkerConfig()
         self.stop_event = threading.Event()
-        self.counts: dict[str, int] = {}
+        self.counts: dict[HandleOutcome, int] = {}
+        self.heartbeat = Heartbeat(store, worker_id=self.config.worker_id, engine_url=self.config.engine_url,
+                                   snapshot=self._snapshot, interval_s=self.config.heartbeat_s)
+        self.engine_watch = EngineWatch(engine, stop=self.stop_event,
+                                        label=public_url(self.config.engine_url) or type(engine).__name__,
+                                        probe_s=self.config.engine_probe_s, log_every_s=self.config.wait_log_s,
+                                        on_change=self.heartbeat.nudge)
         #: What the worker process should exit with: 0, or EXIT_ENGINE_BROKEN.
         self.exit_code = 0
         #: Set while the engine is down: the loop probes it instead of receiving.
         self.engine_down = threading.Event()
-        self._engine_ready = False
         self._guard: AttemptGuard | None = None
         self._drain_timer: threading.Timer | None = None
         self._drain_deadline: float | None = None
         self._stop_lock = threading.Lock()
         #: Set when the drain timeout has run out: any running or starting attempt is handed back.
         self.drain_expired = threading.Event()
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:
+        # Tests swap the engine of a built worker; its watch must probe the same one.
+        self._engine = self.engine_watch.engine = engine
 
     def request_stop(self, *, drain_timeout_s: float | None = None) -> None:
         """Stop receiving; let the current task finish within the drain timeout, else interrupt it and hand it
@@ -117,22 +115,26 @@ class Worker:
         guard = self._guard
         if guard is not None:
             log.warning("task %s: drain timeout reached", guard.task.task_id)
-            guard.interrupt(DRAIN)
+            guard.interrupt(GuardReason.DRAIN)
 
     def run(self, *, burst: bool = False, max_tasks: int | None = None, max_idle_s: float | None = None) -> int:
         """Process messages until stopped. ``burst``: leave when the queue has nothing visible; ``max_tasks``:
         leave after that many messages; ``max_idle_s``: leave after that long without one. Returns the number of
         messages handled."""
-        if not self._engine_ready:
-            self.engine.setup()
-            self._engine_ready = True
         handled = 0
-        idle_since = time.monotonic()
-        log.info("worker %s ready", self.config.worker_id)
+        self.heartbeat.start()
         try:
-            while not self.stop_event.is_set():
+            ready = self.engine_watch.ready or self.engine_watch.setup()
+            idle_since = time.monotonic()
+            if ready:
+                log.info("worker %s ready", self.config.worker_id)
+            while ready and not self.stop_event.is_set():
                 if self.engine_down.is_set():
-                    self._wait_for_engine()
+                    if self.engine_watch.wait_until_up():
+                        self.engine_down.clear()
+                    elif self.engine_watch.broken:
+                        self.exit_code = EXIT_ENGINE_BROKEN
+                        self.stop_event.set()
                     continue
                 if max_tasks is not None and handled >= max_tasks:
                     break
@@ -161,37 +163,21 @@ class Worker:
         finally:
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
-        log.info("worker %s stopping after %d message(s): %s", self.config.worker_id, handled, self.counts)
+            self.heartbeat.stop()
+        log.info("worker %s stopping after %d message(s): %s", self.config.worker_id, handled,
+                 {str(k): v for k, v in self.counts.items()})
         return handled
 
-    def _wait_for_engine(self) -> None:
-        """Probe the engine until it answers, instead of taking tasks only to fail them."""
-        delay = self.config.engine_probe_s
-        while not self.stop_event.wait(delay):
-            report = self._engine_health()
-            if report.get("ok"):
-                log.info("engine is back")
-                self.engine_down.clear()
-                return
-            if report.get("restart"):
-                log.error("engine cannot recover in this process (%s); exiting to be restarted",
-                          report.get("detail"))
-                self.exit_code = EXIT_ENGINE_BROKEN
-                self.stop_event.set()
-                return
-            delay = min(delay * 2, self.config.engine_probe_s * 8)
+    def _snapshot(self) -> tuple[EngineHealth, str | None]:
+        """The registry record's engine health and task, from the heartbeat thread."""
+        guard = self._guard
+        return self.engine_watch.current(), (guard.task.task_id if guard else None)
 
-    def _engine_health(self) -> dict[str, Any]:
-        try:
-            return dict(self.engine.health())
-        except Exception as exc:  # a probe that raises is itself a sign of trouble
-            return {"ok": False, "detail": str(exc)}
-
-    def _count(self, outcome: str) -> str:
+    def _count(self, outcome: HandleOutcome) -> HandleOutcome:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
         return outcome
 
-    def handle(self, message: Message) -> str:
+    def handle(self, message: Message) -> HandleOutcome:
         """Process one delivery; returns what happened. Never raises for a task's failure."""
         fault_point("received")
         try:
@@ -199,12 +185,12 @@ class Worker:
         except SdasyncError as exc:
             # A backend failed mid-way: leave the message to reappear; the attempt number keeps the retry safe.
             log.warning("message %s left for redelivery: %s", message.message_id, exc)
-            return self._count("deferred")
+            return self._count(HandleOutcome.DEFERRED)
         except Exception:  # a bug must not take the worker down with the task: the lease recovers it
             log.exception("message %s: unexpected error; left for redelivery", message.message_id)
-            return self._count("deferred")
+            return self._count(HandleOutcome.DEFERRED)
 
-    def _handle(self, message: Message) -> str:
+    def _handle(self, message: Message) -> HandleOutcome:
         try:
             task = self.store.get(message.body)
         except TaskNotFound:
@@ -213,15 +199,15 @@ class Worker:
             # Every failed task's message belongs in the dead-letter queue (where `dlq redrive` finds it); this
             # delivery may be the one whose dead-lettering failed.
             self.queue.dead_letter(message.receipt, reason=task.error.code if task.error else "failed")
-            return "duplicate"
+            return HandleOutcome.DUPLICATE
         if task.status.is_terminal:
             self.queue.ack(message.receipt)
-            return "duplicate"
+            return HandleOutcome.DUPLICATE
         now = time.time()
         history = task.history
         if task.status is TaskStatus.RUNNING and (task.lease_until is None or task.lease_until < now):
             # Its holder stopped renewing the lease: that attempt died (a crash, a kill, a lost machine).
-            history = (*history, record(task, "lost", now=now))
+            history = (*history, record(task, Outcome.LOST, now=now))
         if used_attempts(history) >= self.config.max_attempts:
             error = TaskError("attempts_exhausted", f"the task failed {used_attempts(history)} times")
             return self._finish_failed(task, message, error, history=history, lease_expired_before=now)
@@ -236,31 +222,31 @@ class Worker:
         fault_point("claimed")
         return self._run(claimed, message)
 
-    def _unknown_task(self, message: Message) -> str:
+    def _unknown_task(self, message: Message) -> HandleOutcome:
         """The API sends a task's message before it writes the task (see ``TaskService.submit``): a message can
         arrive a moment early, or name a task whose write failed. Look again a few times, then drop it."""
         if message.receive_count < ORPHAN_RECEIVES:
             self.queue.nack(message.receipt, delay_s=min(0.5 * 2.0 ** (message.receive_count - 1), 30.0))
-            return "early"
+            return HandleOutcome.EARLY
         log.warning("message %s names task %s, which was never written; dropping it", message.message_id,
                     message.body)
         self.queue.ack(message.receipt)
-        return "orphan"
+        return HandleOutcome.ORPHAN
 
     def _last_delivery(self, message: Message) -> bool:
         """The queue dead-letters this message if it comes back once more: the task must be settled now."""
         return message.receive_count >= self.queue.max_receives
 
-    def _lost_claim(self, message: Message, exc: TaskConflict) -> str:
+    def _lost_claim(self, message: Message, exc: TaskConflict) -> HandleOutcome:
         current = exc.current
-        if isinstance(current, Task) and current.status.is_terminal:
+        if current is not None and current.status.is_terminal:
             self.queue.ack(message.receipt)
-            return "duplicate"
+            return HandleOutcome.DUPLICATE
         # Another worker holds the task under a live lease (a duplicate delivery, or its extend failed). Look
         # again when that lease would have run out: by then it is finished, or its holder is gone.
-        lease = current.lease_until if isinstance(current, Task) and current.lease_until else time.time()
+        lease = current.lease_until if current is not None and current.lease_until else time.time()
         self._requeue(message, delay_s=max(1.0, lease - time.time() + 1.0))
-        return "contended"
+        return HandleOutcome.CONTENDED
 
     def _requeue(self, message: Message, *, delay_s: float) -> None:
         """Make the task's message come back after ``delay_s``. On its last delivery, or when this delivery is no
@@ -275,12 +261,12 @@ class Worker:
         self.queue.send(message.body, delay_s=min(delay_s, 900.0))
         self.queue.ack(message.receipt)
 
-    def _run(self, task: Task, message: Message) -> str:
+    def _run(self, task: Task, message: Message) -> HandleOutcome:
         try:
-            payload = load_payload(task, self.blobs)
+            payload = load_payload(task, self.payloads, results=self.blobs)
         except (BlobNotFound, ValueError) as exc:
             error = TaskError("payload_missing", f"the request's payload cannot be read from the blob store: {exc}")
-            return self._finish_failed(task, message, error, history=(*task.history, record(task, "failed")),
+            return self._finish_failed(task, message, error, history=(*task.history, record(task, Outcome.FAILED)),
                                        attempt=task.attempts)
         except SdasyncError as exc:
             return self._failed_attempt(task, message, exc)
@@ -293,7 +279,7 @@ class Worker:
         log.info("task %s attempt %d: generating", task.task_id, task.attempts)
         self._guard = guard
         if self.drain_expired.is_set():
-            guard.interrupt(DRAIN)  # the drain timeout ran out as this attempt began
+            guard.interrupt(GuardReason.DRAIN)  # the drain timeout ran out as this attempt began
         try:
             with guard:
                 try:
@@ -317,57 +303,64 @@ class Worker:
                                   attempt=task.attempts, changes={
                                       "images": keys, "info": result.info, "finished_at": time.time(),
                                       "error": None, "progress": _done(payload), "lease_until": None,
-                                      "history": (*task.history, record(task, "succeeded"))})
+                                      "history": (*task.history, record(task, Outcome.SUCCEEDED))})
         except TaskConflict:
             return self._after_conflict(task, message, keys=keys)
         fault_point("completed")
         self.queue.ack(message.receipt)
         log.info("task %s succeeded with %d image(s)", task.task_id, len(keys))
-        return "succeeded"
+        return HandleOutcome.SUCCEEDED
 
-    def _interrupted(self, task: Task, message: Message, reason: str | None) -> str:
-        if reason == DRAIN:
-            return self._release(task, message, "the worker was stopped")
-        if reason not in (CANCELLED, FENCED):
-            # Someone else interrupted the engine (a global WebUI interrupt): retry like any transient failure.
-            return self._failed_attempt(task, message, UnexpectedError("the engine stopped the generation unasked"))
-        return self._after_conflict(task, message, keys=())
+    def _interrupted(self, task: Task, message: Message, reason: GuardReason | None) -> HandleOutcome:
+        match reason:
+            case GuardReason.DRAIN:
+                return self._release(task, message, "the worker was stopped")
+            case GuardReason.CANCELLED | GuardReason.FENCED:
+                return self._after_conflict(task, message, keys=())
+            case None:
+                # Someone else interrupted the engine (a global WebUI interrupt): retry like any transient failure.
+                error = UnexpectedError("the engine stopped the generation unasked")
+                return self._failed_attempt(task, message, error)
 
-    def _release(self, task: Task, message: Message, why: str) -> str:
+    def _release(self, task: Task, message: Message, why: str) -> HandleOutcome:
         """Hand the task back at once, without using up an attempt: the worker is the problem, not the task."""
         try:
             self.store.transition(task.task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.QUEUED,
                                   attempt=task.attempts, changes={
                                       "progress": None, "lease_until": None,
-                                      "history": (*task.history, record(task, "released",
+                                      "history": (*task.history, record(task, Outcome.RELEASED,
                                                                         error=TaskError("released", why)))})
         except TaskConflict:
             return self._after_conflict(task, message, keys=())
         self._requeue(message, delay_s=0)
         log.info("task %s released: %s", task.task_id, why)
-        return "released"
+        return HandleOutcome.RELEASED
 
-    def _after_conflict(self, task: Task, message: Message, *, keys: tuple[str, ...]) -> str:
+    def _after_conflict(self, task: Task, message: Message, *, keys: tuple[str, ...]) -> HandleOutcome:
         """Our attempt's write was refused: the task was cancelled, or a newer attempt owns it."""
         current = self.store.get(task.task_id)
-        if current.status is TaskStatus.CANCELLED:
-            for key in keys:
-                self.blobs.delete(key)
-            self.queue.ack(message.receipt)
-            log.info("task %s was cancelled; its images are discarded", task.task_id)
-            return "cancelled"
-        if current.status.is_terminal:
-            self.queue.ack(message.receipt)
-            return "duplicate"
-        # A newer attempt holds the task: leave its message and its images alone.
-        log.warning("task %s attempt %d was fenced off by attempt %d", task.task_id, task.attempts,
-                    current.attempts)
-        return "fenced"
+        match current.status:
+            case TaskStatus.CANCELLED:
+                for key in keys:
+                    self.blobs.delete(key)
+                self.queue.ack(message.receipt)
+                log.info("task %s was cancelled; its images are discarded", task.task_id)
+                return HandleOutcome.CANCELLED
+            case TaskStatus.SUCCEEDED | TaskStatus.FAILED:
+                self.queue.ack(message.receipt)
+                return HandleOutcome.DUPLICATE
+            case TaskStatus.QUEUED | TaskStatus.RUNNING:
+                # A newer attempt holds the task: leave its message and its images alone.
+                log.warning("task %s attempt %d was fenced off by attempt %d", task.task_id, task.attempts,
+                            current.attempts)
+                return HandleOutcome.FENCED
 
-    def _failed_attempt(self, task: Task, message: Message, exc: SdasyncError) -> str:
+    def _failed_attempt(self, task: Task, message: Message, exc: SdasyncError) -> HandleOutcome:
         error = TaskError(exc.code, exc.message)
-        if isinstance(exc, EngineUnavailable) and not self._engine_health().get("ok", True):
+        health = self.engine_watch.health() if isinstance(exc, EngineUnavailable) else None
+        if health is not None and not health.ok:
             # The engine is down, not this task: hand the task back and wait for the engine.
+            self.engine_watch.went_down(health)
             self.engine_down.set()
             log.error("engine down (%s); task %s handed back", exc, task.task_id)
             return self._release(task, message, f"engine down: {exc.message}")
@@ -380,20 +373,20 @@ class Worker:
                 self.store.transition(task.task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.QUEUED,
                                       attempt=task.attempts, changes={
                                           "error": error, "progress": None, "lease_until": None,
-                                          "history": (*task.history, record(task, "retried", error=error))})
+                                          "history": (*task.history, record(task, Outcome.RETRIED, error=error))})
             except TaskConflict:
                 return self._after_conflict(task, message, keys=())
             self._requeue(message, delay_s=delay)
-            return "retried"
+            return HandleOutcome.RETRIED
         if exc.retryable:
             error = TaskError(exc.code, f"{exc.message} (gave up after {used} attempts)")
         log.error("task %s failed: %s", task.task_id, error.message)
-        return self._finish_failed(task, message, error, history=(*task.history, record(task, "failed", error=error)),
-                                   attempt=task.attempts)
+        history = (*task.history, record(task, Outcome.FAILED, error=error))
+        return self._finish_failed(task, message, error, history=history, attempt=task.attempts)
 
     def _finish_failed(self, task: Task, message: Message, error: TaskError, *,
-                       history: tuple[dict[str, Any], ...], attempt: int | None = None,
-                       lease_expired_before: float | None = None) -> str:
+                       history: tuple[AttemptRecord, ...], attempt: int | None = None,
+                       lease_expired_before: float | None = None) -> HandleOutcome:
         """``failed``, and the message to the dead-letter queue, where ``sdasync dlq`` shows it."""
         try:
             self.store.transition(task.task_id, expected=QUEUED_OR_RUNNING, to=TaskStatus.FAILED,
@@ -402,11 +395,11 @@ class Worker:
                                       "error": error, "finished_at": time.time(), "progress": None,
                                       "lease_until": None, "history": history})
         except TaskConflict as exc:
-            if isinstance(exc.current, Task) and not exc.current.status.is_terminal:
+            if exc.current is not None and not exc.current.status.is_terminal:
                 return self._lost_claim(message, exc)
             return self._after_conflict(task, message, keys=())
         self.queue.dead_letter(message.receipt, reason=error.code)
-        return "failed"
+        return HandleOutcome.FAILED
 
     def backoff_s(self, attempt: int) -> float:
         """Exponential backoff with full jitter: spreads retries of a burst of failures over time."""
@@ -414,6 +407,6 @@ class Worker:
         return random.uniform(ceiling / 2, ceiling)
 
 
-def _done(payload: dict[str, Any]) -> dict[str, Any]:
+def _done(payload: dict[str, Any]) -> TaskProgress:
     steps = int(payload.get("steps", 0))
-    return {"fraction": 1.0, "step": steps, "steps": steps, "etaSeconds": 0.0}
+    return TaskProgress(fraction=1.0, step=steps, steps=steps, eta_s=0.0)

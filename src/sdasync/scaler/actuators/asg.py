@@ -36,21 +36,21 @@ is covered by the worker's SIGTERM drain at shutdown and, at worst, SQS redelive
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import urllib.request
 from typing import Any, Self
 from urllib.parse import urlsplit
 
+import httpx
+
 from sdasync.awsclient import LazyClient, translate_errors
-from sdasync.errors import ConfigError, SdasyncError
+from sdasync.errors import ConfigError, MetadataError, MetadataUnavailable, SdasyncError
+from sdasync.imds import ImdsClient
 from sdasync.urls import query_params
 
 log = logging.getLogger(__name__)
 
 URL_PARAMS: dict[str, type[Any]] = {"region": str}
 PENDING_STATES = frozenset({"Pending", "Pending:Wait", "Pending:Proceed", "Warmed:Pending"})
-IMDS_URL = "http://169.254.169.254"
 
 
 class AsgScaler:
@@ -150,24 +150,21 @@ class InstanceProtection:
         self._aws.close()
 
 
-def instance_id_from_imds(base_url: str | None = None, timeout_s: float = 2.0) -> str:
-    """This instance's id through IMDSv2 (token, then ``meta-data/instance-id``); ``SDASYNC_INSTANCE_ID`` wins,
-    so the worker can be tested and run where IMDS is blocked. Raises ConfigError when neither answers."""
-    explicit = os.environ.get("SDASYNC_INSTANCE_ID")
-    if explicit:
-        return explicit
-    base = (base_url or os.environ.get("SDASYNC_IMDS_URL") or IMDS_URL).rstrip("/")
+def instance_id_from_imds(base_url: str | None = None, instance_id: str | None = None,
+                          timeout_s: float = 2.0) -> str:
+    """This instance's id: ``instance_id`` when given (``Settings.instance_id``, so the worker can be tested and
+    run where IMDS is blocked), else IMDSv2's ``meta-data/instance-id`` at ``base_url`` (None: EC2's own
+    address). Raises ConfigError when neither answers."""
+    if instance_id:
+        return instance_id
+    imds = ImdsClient(base_url, token_ttl_s=300, timeout=httpx.Timeout(timeout_s))
     try:
-        token_request = urllib.request.Request(f"{base}/latest/api/token", method="PUT",  # noqa: S310
-                                               headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"})
-        with urllib.request.urlopen(token_request, timeout=timeout_s) as answer:  # noqa: S310
-            token = answer.read().decode()
-        request = urllib.request.Request(f"{base}/latest/meta-data/instance-id",  # noqa: S310
-                                         headers={"X-aws-ec2-metadata-token": token})
-        with urllib.request.urlopen(request, timeout=timeout_s) as answer:  # noqa: S310
-            return str(answer.read().decode()).strip()
-    except OSError as exc:
-        raise ConfigError(f"--asg-protect needs this instance's id: IMDS at {base} did not answer ({exc}); "
-                          f"set SDASYNC_INSTANCE_ID") from exc
-
-
+        with imds:
+            answer = imds.get("/latest/meta-data/instance-id")
+    except (MetadataUnavailable, MetadataError) as exc:
+        raise ConfigError(f"--asg-protect needs this instance's id: IMDS at {imds.base_url} did not answer "
+                          f"({exc}); set SDASYNC_INSTANCE_ID") from exc
+    if not answer or not answer.strip():
+        raise ConfigError(f"--asg-protect needs this instance's id: IMDS at {imds.base_url} has none; "
+                          f"set SDASYNC_INSTANCE_ID")
+    return answer.strip()
