@@ -5,35 +5,17 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import sqlite3
 import threading
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sdasync.backends.base import TaskStore
-from sdasync.backends.sqlite.queue import SqliteQueue
-from sdasync.backends.sqlite.store import SqliteTaskStore
-from sdasync.errors import BackendError, ConfigError, RequestError, TaskConflict, TaskNotFound
-from sdasync.models import Api, Task, TaskError, TaskStatus, can_transition
+from sdasync.errors import RequestError, TaskConflict, TaskNotFound
+from sdasync.models import Api, AttemptRecord, Task, TaskError, TaskStatus, can_transition, plain_field
 
 from .backends import FakeClock
-
-Q, R, S, F, C = (TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.SUCCEEDED, TaskStatus.FAILED,
-                 TaskStatus.CANCELLED)
-_ids = itertools.count()
-
-
-#: An attempt record as the worker writes it into ``Task.history``.
-RECORD = {"attempt": 1, "worker": "host-0:9", "startedAt": 1_700_000_000.5, "endedAt": 1_700_000_001.75,
-          "outcome": "retried", "error": {"code": "engine_unavailable", "message": "connection refused"}}
-
-
-def make_task(clock: FakeClock, *, status: TaskStatus = Q, created_at: float | None = None,
-              task_id: str | None = None) -> Task:
-    now = clock() if created_at is None else created_at
-    return Task(task_id=task_id or f"t{next(_ids):06d}", api=Api.TXT2IMG, payload={"prompt": "a cat"},
-                status=status, created_at=now, updated_at=now)
+from .tasks import RECORD, RECORD_READ, C, F, Q, R, S, make_task, next_id
 
 
 def requires(store: TaskStore, capability: str) -> None:
@@ -69,6 +51,47 @@ def test_create_then_get_returns_an_equal_task(store: TaskStore, clock: FakeCloc
         assert isinstance(got.images, tuple)
         assert got.error is None or type(got.error) is TaskError
         assert isinstance(got.history, tuple)
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with every scalar paired with its type, so equality also compares types (``1.0 == 1`` does not)."""
+    if isinstance(value, dict):
+        return {key: _typed(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_typed(item) for item in value]
+    return (type(value).__name__, value)
+
+
+def _plain(task: Task) -> dict[str, Any]:
+    return {"payload": task.payload, "info": task.info, "extra": task.extra,
+            **{name: plain_field(name, getattr(task, name)) for name in ("progress", "history")}}
+
+
+def test_numbers_read_back_with_their_types(store: TaskStore, clock: FakeClock) -> None:
+    # SQLite keeps JSON text, DynamoDB one number type that turns 1.0 into 1: both must give back what was written.
+    numbers: dict[str, Any] = {"one": 1.0, "zero": 0, "zero_f": 0.0, "half": 0.5, "neg": -2.0, "big": 2**53 + 1,
+                               "flag": True, "nested": [1.0, 0, [2.0, {"x": 0.0, "y": [3, 4.0]}], {"z": 1}]}
+    record = {**RECORD, "started_at": 1_700_000_000.0, "ended_at": 1_700_000_002.0}
+    task = Task(task_id=next_id(), api=Api.TXT2IMG, payload={"cfg_scale": 7.0, "seed": 0, "denoising_strength": 0.5,
+                                                            "grid": numbers}, created_at=clock(),
+                updated_at=clock(), info={"cfg_scale": 1.0, "all_seeds": [0, 1], "deep": numbers},
+                progress={"fraction": 1.0, "step": 20, "steps": 20, "eta_s": 0.0}, extra={"weight": 1.0, "n": 1},
+                history=(record,))
+    store.create(task)
+
+    got = store.get(task.task_id)
+    assert _typed(_plain(got)) == _typed(_plain(task))
+
+    changes = {"info": {"cfg_scale": 2.0, "list": [0.0, 1]}, "history": (record, {**record, "attempt": 2}),
+               "progress": {"fraction": 0.0, "step": 0, "steps": 20, "eta_s": 3.0}}
+    moved = store.transition(task.task_id, expected={Q}, to=R, changes=changes)
+    again = store.get(task.task_id)
+    for read in (moved, again):
+        assert _typed(_plain(read)) == _typed(_plain(task.with_changes(R, changes, read.updated_at)))
+    # And back to none: a field set to None leaves nothing behind that could retype a later value.
+    store.transition(task.task_id, expected={R}, to=R, changes={"info": None, "progress": None})
+    cleared = store.transition(task.task_id, expected={R}, to=R, changes={"info": {"cfg_scale": 3}})
+    assert _typed(store.get(task.task_id).info) == _typed({"cfg_scale": 3}) == _typed(cleared.info)
 
 
 def test_get_of_an_unknown_task_raises_not_found(store: TaskStore) -> None:
@@ -174,9 +197,9 @@ def test_lease_and_history_round_trip_through_transitions(store: TaskStore, cloc
     retried = store.transition(task.task_id, expected={R}, to=Q, attempt=1,
                                changes={"lease_until": None, "history": (RECORD,)})
 
-    assert (retried.lease_until, retried.history) == (None, (RECORD,))
+    assert (retried.lease_until, retried.history) == (None, (RECORD_READ,))
     assert store.get(task.task_id) == retried
-    assert all(type(record) is dict for record in store.get(task.task_id).history)
+    assert all(type(record) is AttemptRecord for record in store.get(task.task_id).history)
 
 
 def test_a_live_lease_keeps_other_workers_out(store: TaskStore, clock: FakeClock) -> None:
@@ -215,7 +238,7 @@ def test_a_running_task_without_a_lease_is_claimable(store: TaskStore, clock: Fa
 def test_a_queued_task_is_claimable_whatever_its_lease(store: TaskStore, clock: FakeClock) -> None:
     now = clock()
     # A lease left over from an attempt that put the task back in the queue does not hold a queued task.
-    leftover = Task(task_id=f"t{next(_ids):06d}", api=Api.TXT2IMG, payload={}, created_at=now, updated_at=now,
+    leftover = Task(task_id=next_id(), api=Api.TXT2IMG, payload={}, created_at=now, updated_at=now,
                     lease_until=now + 100)
     store.create(leftover)
     fresh = make_task(clock)
@@ -397,154 +420,3 @@ def test_limit_out_of_range_is_a_request_error(store: TaskStore, limit: int) -> 
     with pytest.raises(RequestError) as caught:
         store.list(limit=limit)
     assert caught.value.field == "limit"
-
-
-# Specific to SqliteTaskStore --------------------------------------------------------------------------------------
-
-
-def test_sqlite_store_from_url_parses_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-
-    assert SqliteTaskStore.from_url("sqlite:///data/sdasync.db").path == Path("data/sdasync.db")
-    assert SqliteTaskStore.from_url(f"sqlite:///{tmp_path}/x.db").path == tmp_path / "x.db"
-    assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ConfigError, match="valid: none"):
-        SqliteTaskStore.from_url("sqlite:///data/sdasync.db?name=tasks")
-
-
-def test_sqlite_store_shares_its_file_with_the_queue(tmp_path: Path, clock: FakeClock) -> None:
-    path = tmp_path / "deep" / "er" / "sdasync.db"
-    with SqliteTaskStore(path=path, clock=clock) as store, SqliteQueue(path=path, clock=clock) as queue:
-        task = make_task(clock)
-        store.create(task)
-        queue.send(task.task_id)
-
-        assert queue.receive()[0].body == task.task_id
-        assert store.get(task.task_id) == task
-    with SqliteTaskStore(path=path, clock=clock) as store:
-        assert store.get(task.task_id) == task  # and it persists
-
-
-def test_sqlite_store_refuses_a_cursor_from_another_status_filter(tmp_path: Path, clock: FakeClock) -> None:
-    with SqliteTaskStore(path=tmp_path / "s.db", clock=clock) as store:
-        for i in range(3):
-            store.create(make_task(clock, created_at=clock() + i))
-        cursor = store.list(status=Q, limit=1).next_cursor
-        assert cursor is not None
-
-        with pytest.raises(RequestError) as caught:
-            store.list(limit=1, cursor=cursor)
-        assert caught.value.field == "cursor"
-
-
-def test_sqlite_store_refuses_changes_of_the_wrong_shape(tmp_path: Path, clock: FakeClock) -> None:
-    with SqliteTaskStore(path=tmp_path / "s.db", clock=clock) as store:
-        task = make_task(clock)
-        store.create(task)
-        for changes in ({"images": "0.png"}, {"attempts": "1"}, {"error": {"code": "x"}}, {"info": [1]}):
-            with pytest.raises(ValueError, match="must be"):
-                store.transition(task.task_id, expected={Q}, to=R, changes=changes)
-        assert store.get(task.task_id) == task
-        moved = store.transition(task.task_id, expected={Q}, to=F, changes={"error": {"code": "c", "message": "m"}})
-        assert moved.error == TaskError(code="c", message="m")
-
-
-def test_sqlite_errors_become_backend_errors(tmp_path: Path, clock: FakeClock) -> None:
-    with SqliteTaskStore(path=tmp_path, clock=clock) as store, pytest.raises(BackendError) as caught:  # a directory
-        store.get("x")
-    assert isinstance(caught.value.__cause__, sqlite3.Error)
-
-
-#: The tasks table as versions before leases and histories created it, copied verbatim.
-OLD_SCHEMA = """
-    CREATE TABLE tasks (
-        task_id TEXT PRIMARY KEY, api TEXT NOT NULL, payload TEXT NOT NULL, status TEXT NOT NULL,
-        created_at REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL,
-        attempts INTEGER NOT NULL DEFAULT 0, images TEXT NOT NULL, info TEXT, error TEXT, progress TEXT, worker TEXT,
-        extra TEXT NOT NULL
-    )
-"""
-OLD_COLUMNS = ("task_id", "api", "payload", "status", "created_at", "updated_at", "started_at", "finished_at",
-               "attempts", "images", "info", "error", "progress", "worker", "extra")
-
-
-def _insert_old_row(conn: sqlite3.Connection, task_id: str, status: TaskStatus = R) -> None:
-    # The column list an older process still running against the same file would use.
-    conn.execute(f"INSERT INTO tasks ({', '.join(OLD_COLUMNS)}) VALUES ({', '.join('?' * len(OLD_COLUMNS))})",
-                 (task_id, str(Api.TXT2IMG), '{"prompt":"old"}', str(status), 1_600_000_000.0, 1_600_000_001.0,
-                  1_600_000_000.5, None, 1, '["a/0.png"]', None, None, '{"fraction":0.5}', "w-old", "{}"))
-
-
-def _old_database(path: Path) -> None:
-    with sqlite3.connect(path) as conn:
-        conn.execute(OLD_SCHEMA)
-        _insert_old_row(conn, "old-1")
-    conn.close()
-
-
-def test_sqlite_store_upgrades_a_file_of_the_old_schema(tmp_path: Path, clock: FakeClock) -> None:
-    path = tmp_path / "old.db"
-    _old_database(path)
-
-    with SqliteTaskStore(path=path, clock=clock) as store:
-        old = store.get("old-1")
-        assert (old.status, old.attempts, old.images, old.progress, old.worker) == (
-            R, 1, ("a/0.png",), {"fraction": 0.5}, "w-old")
-        assert (old.lease_until, old.history) == (None, ())
-        # A lease-conditional claim works on the upgraded rows: no lease counts as an expired one.
-        taken = store.transition("old-1", expected={R}, to=R, attempt=1, lease_expired_before=clock(),
-                                 changes={"attempts": 2, "lease_until": clock() + 60, "history": (RECORD,)})
-        assert store.get("old-1") == taken
-        new = make_task(clock)
-        store.create(new)
-        assert store.get(new.task_id) == new
-
-    with sqlite3.connect(path) as conn:
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
-        # A process of the old version, still running, can go on inserting rows: the new columns have defaults.
-        _insert_old_row(conn, "old-2", status=Q)
-    conn.close()
-    assert {"lease_until", "history"} <= columns
-    with SqliteTaskStore(path=path, clock=clock) as store:
-        assert (store.get("old-2").lease_until, store.get("old-2").history) == (None, ())
-        assert store.get("old-1") == taken
-
-
-def test_sqlite_stores_opening_an_old_file_at_once_all_upgrade_it(tmp_path: Path, clock: FakeClock) -> None:
-    path = tmp_path / "old.db"
-    _old_database(path)
-    contenders = 8
-    barrier = threading.Barrier(contenders)
-    got: list[Task] = []
-    errors: list[BaseException] = []
-
-    def open_and_read() -> None:
-        # A store of its own, as another process would have: separate connections, no shared upgrade flag.
-        with SqliteTaskStore(path=path, clock=clock) as store:
-            barrier.wait(timeout=10)
-            try:
-                got.append(store.get("old-1"))
-            except BaseException as error:
-                errors.append(error)
-
-    threads = [threading.Thread(target=open_and_read) for _ in range(contenders)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-
-    assert errors == []
-    assert len(got) == contenders
-    assert all((task.lease_until, task.history) == (None, ()) for task in got)
-
-
-def test_sqlite_upgrade_tolerates_columns_added_behind_its_back(tmp_path: Path, clock: FakeClock,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "s.db"
-    with SqliteTaskStore(path=path, clock=clock) as store:
-        store.create(make_task(clock, task_id="t"))
-    # As if another writer added the columns between the check and the ALTER: "duplicate column name".
-    monkeypatch.setattr("sdasync.backends.sqlite.store._columns", lambda conn: set())
-
-    with SqliteTaskStore(path=path, clock=clock) as store:
-        assert store.get("t").history == ()

@@ -16,7 +16,7 @@ import boto3
 
 from sdasync.backends.aws.dynamodb import DynamoTaskStore
 from sdasync.errors import BackendRefused, ConfigError, RequestError, TaskConflict, TaskNotFound
-from sdasync.models import Api, Task, TaskError, TaskStatus
+from sdasync.models import Api, AttemptRecord, Task, TaskError, TaskStatus
 
 DAY = 86400.0
 Q, R, S = TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.SUCCEEDED
@@ -79,8 +79,10 @@ def test_a_table_made_by_hand_works_and_ensure_adds_indexes_and_ttl(raw: Any, ta
         table = raw.describe_table(TableName=table_name)["Table"]
         indexes = {index["IndexName"]: index for index in table["GlobalSecondaryIndexes"]}
         assert {name: [key["AttributeName"] for key in index["KeySchema"]] for name, index in indexes.items()} == {
-            "byCreated": ["listAll", "listKey"], "byStatus": ["status", "listKey"]}
-        assert all(index["Projection"]["ProjectionType"] == "ALL" for index in indexes.values())
+            "byCreated": ["listAll", "listKey"], "byStatus": ["status", "listKey"],
+            "byUpdated": ["status", "updatedAt"]}
+        assert {name: index["Projection"]["ProjectionType"] for name, index in indexes.items()} == {
+            "byCreated": "ALL", "byStatus": "ALL", "byUpdated": "KEYS_ONLY"}
         assert all(index["IndexStatus"] == "ACTIVE" for index in indexes.values())
         ttl = raw.describe_time_to_live(TableName=table_name)["TimeToLiveDescription"]
         assert (ttl["TimeToLiveStatus"], ttl["AttributeName"]) == ("ENABLED", "expiresAt")
@@ -97,7 +99,8 @@ def test_ensure_creates_the_table_and_a_second_call_only_reads(raw: Any, table_n
         assert table["TableStatus"] == "ACTIVE"
         assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
         assert table["KeySchema"] == [{"AttributeName": "taskId", "KeyType": "HASH"}]
-        assert {index["IndexName"] for index in table["GlobalSecondaryIndexes"]} == {"byCreated", "byStatus"}
+        assert {index["IndexName"] for index in table["GlobalSecondaryIndexes"]} == {
+            "byCreated", "byStatus", "byUpdated"}
 
         calls = record_calls(store.client)
         store.ensure()
@@ -191,7 +194,7 @@ def test_a_given_client_is_used_and_left_open(raw: Any, table_name: str) -> None
 
 def test_lease_and_history_are_plain_attributes(raw: Any, table_name: str) -> None:
     clock = Clock(1_700_000_050.0)
-    record = {"attempt": 1, "worker": "w1", "startedAt": 1_700_000_000.5, "endedAt": 1_700_000_050.25,
+    record = {"attempt": 1, "worker": "w1", "started_at": 1_700_000_000.5, "ended_at": 1_700_000_050.25,
               "outcome": "retried", "error": {"code": "engine_unavailable", "message": "down"}}
     with DynamoTaskStore(table=table_name, clock=clock) as store:
         store.ensure()
@@ -208,7 +211,7 @@ def test_lease_and_history_are_plain_attributes(raw: Any, table_name: str) -> No
         assert item["history"]["L"][0]["M"]["outcome"] == {"S": "retried"}
         assert item["history"]["L"][0]["M"]["error"] == {
             "M": {"code": {"S": "engine_unavailable"}, "message": {"S": "down"}}}
-        assert store.get("leased").history == (record,)
+        assert store.get("leased").history == (AttemptRecord.from_dict(record),)
 
 
 def test_an_item_written_before_leases_reads_back_and_can_be_claimed(raw: Any, table_name: str) -> None:
@@ -239,3 +242,81 @@ def test_a_redrive_restarts_the_retention(raw: Any, table_name: str) -> None:
 
         item = raw.get_item(TableName=table_name, Key={"taskId": {"S": "dead"}}, ConsistentRead=True)["Item"]
         assert item["expiresAt"] == {"N": str(math.ceil(clock.now + 2 * DAY))}
+
+
+def create_like_an_older_bootstrap(raw: Any, name: str) -> None:
+    """The table as ``ensure()`` made it before ``byUpdated`` existed: the two listing indexes only."""
+    def index(name: str, partition: str) -> dict[str, Any]:
+        return {"IndexName": name, "Projection": {"ProjectionType": "ALL"},
+                "KeySchema": [{"AttributeName": partition, "KeyType": "HASH"},
+                              {"AttributeName": "listKey", "KeyType": "RANGE"}]}
+
+    raw.create_table(TableName=name, BillingMode="PAY_PER_REQUEST",
+                     KeySchema=[{"AttributeName": "taskId", "KeyType": "HASH"}],
+                     AttributeDefinitions=[{"AttributeName": a, "AttributeType": "S"}
+                                           for a in ("taskId", "listAll", "listKey", "status")],
+                     GlobalSecondaryIndexes=[index("byCreated", "listAll"), index("byStatus", "status")])
+
+
+def test_ensure_adds_the_stale_index_to_a_table_of_an_older_version(raw: Any, table_name: str) -> None:
+    create_like_an_older_bootstrap(raw, table_name)
+    with DynamoTaskStore(table=table_name) as store:
+        store.create(make_task("old", created_at=1_600_000_000.0))
+        with pytest.raises(ConfigError, match=r"byUpdated.*sdasync aws bootstrap"):
+            store.stale(status=Q, updated_before=1_700_000_000.0)
+
+        store.ensure()
+
+        table = raw.describe_table(TableName=table_name)["Table"]
+        indexes = {index["IndexName"]: index for index in table["GlobalSecondaryIndexes"]}
+        assert [key["AttributeName"] for key in indexes["byUpdated"]["KeySchema"]] == ["status", "updatedAt"]
+        assert indexes["byUpdated"]["Projection"]["ProjectionType"] == "KEYS_ONLY"
+        # The task written before the index existed is found: its item already carried the keys.
+        assert [t.task_id for t in store.stale(status=Q, updated_before=1_700_000_000.0)] == ["old"]
+        calls = record_calls(store.client)
+        store.ensure()
+        assert calls and all(call.startswith("Describe") for call in calls), calls
+
+
+def test_worker_records_are_items_no_task_read_can_reach(raw: Any, table_name: str) -> None:
+    from sdasync.models import EngineHealth, WorkerRecord
+
+    record = WorkerRecord(worker_id="gpu-1:42", engine="fake://", health=EngineHealth(ok=True, extra={"gb": 8.0}),
+                          task_id="t1", started_at=1_700_000_000.0, heartbeat_at=1_700_000_010.0,
+                          expires_at=1_700_000_025.5, host="gpu-1", pid=42)
+    with DynamoTaskStore(table=table_name) as store:
+        store.ensure()
+        store.put_worker(record)
+
+        item = raw.get_item(TableName=table_name, Key={"taskId": {"S": "worker#gpu-1:42"}}, ConsistentRead=True)["Item"]
+        assert (item["listAll"], item["listKey"], item["currentTask"]) == (
+            {"S": "workers"}, {"S": "gpu-1:42"}, {"S": "t1"})
+        assert "status" not in item and "updatedAt" not in item  # so neither byStatus nor byUpdated holds it
+        assert item["expiresAt"] == {"N": "1700000026"}  # the TTL, in whole seconds, never early
+        assert store.workers(now=1_700_000_020.0) == [record]
+        for read in (lambda: store.get("worker#gpu-1:42"),
+                     lambda: store.transition("worker#gpu-1:42", expected={Q}, to=R)):
+            with pytest.raises(TaskNotFound):
+                read()
+        with pytest.raises(BackendRefused, match="reserved"):
+            store.create(make_task("worker#gpu-1:42"))
+        store.delete("worker#gpu-1:42")  # a task delete never removes a registry record
+        assert store.workers(now=1_700_000_020.0) == [record]
+
+
+def test_integral_floats_get_a_sidecar_attribute(raw: Any, table_name: str) -> None:
+    with DynamoTaskStore(table=table_name) as store:
+        store.ensure()
+        store.create(make_task("floats", info={"cfg_scale": 7.0}))
+        store.transition("floats", expected={Q}, to=R, changes={"progress": {"fraction": 1.0, "step": 2, "steps": 2}})
+
+        item = raw.get_item(TableName=table_name, Key={"taskId": {"S": "floats"}}, ConsistentRead=True)["Item"]
+        assert item["infoFloats"] == {"L": [{"L": [{"S": "cfg_scale"}]}]}
+        assert "payloadFloats" not in item  # 7.5 and 20 need none
+        assert {"L": [{"S": "fraction"}]} in item["progressFloats"]["L"]
+        assert type(store.get("floats").info["cfg_scale"]) is float  # type: ignore[index]
+
+        store.transition("floats", expected={R}, to=R, changes={"progress": None, "info": {"cfg_scale": 7}})
+        item = raw.get_item(TableName=table_name, Key={"taskId": {"S": "floats"}}, ConsistentRead=True)["Item"]
+        assert not {"progress", "progressFloats", "infoFloats"} & set(item)
+        assert type(store.get("floats").info["cfg_scale"]) is int  # type: ignore[index]

@@ -15,8 +15,11 @@ from sdasync.backends.aws.dynamo_items import (
     deserialize,
     encode_change,
     encode_cursor,
+    float_paths,
+    free_form,
     item_to_task,
     list_key,
+    restore_floats,
     serialize,
     task_to_item,
     transition_condition,
@@ -24,7 +27,7 @@ from sdasync.backends.aws.dynamo_items import (
 )
 from sdasync.backends.aws.dynamodb import DynamoTaskStore
 from sdasync.errors import ConfigError, RequestError
-from sdasync.models import Api, Task, TaskError, TaskStatus
+from sdasync.models import Api, AttemptRecord, Task, TaskError, TaskStatus
 
 DAY = 86400.0
 
@@ -37,9 +40,9 @@ NESTED: dict[str, Any] = {
 
 
 HISTORY = (
-    {"attempt": 1, "worker": "host-0:9", "startedAt": 1_700_000_000.5, "endedAt": 1_700_000_000.75,
+    {"attempt": 1, "worker": "host-0:9", "started_at": 1_700_000_000.5, "ended_at": 1_700_000_000.75,
      "outcome": "retried", "error": {"code": "engine_unavailable", "message": "down"}},
-    {"attempt": 2, "worker": None, "startedAt": None, "endedAt": 1_700_000_001.25, "outcome": "lost", "error": None},
+    {"attempt": 2, "worker": None, "started_at": None, "ended_at": 1_700_000_001.25, "outcome": "lost", "error": None},
 )
 
 
@@ -69,7 +72,7 @@ def test_a_task_survives_the_round_trip(task: Task) -> None:
         assert type(getattr(got, name)) is float
     assert type(got.attempts) is int
     assert got.lease_until is None or type(got.lease_until) is float
-    assert type(got.history) is tuple and all(type(record) is dict for record in got.history)
+    assert type(got.history) is tuple and all(type(record) is AttemptRecord for record in got.history)
 
 
 def test_numbers_come_back_as_int_or_float_never_decimal() -> None:
@@ -95,6 +98,40 @@ def test_an_integral_float_reads_back_as_an_equal_int() -> None:
     assert deserialize({"N": "7.50"}) == 7.5
 
 
+def test_integral_floats_are_listed_in_a_sidecar_and_come_back_as_floats() -> None:
+    payload = {"cfg_scale": 7.0, "steps": 20, "grid": [0.0, 1, {"w": 1.0, "h": 2}], "half": 0.5, "flag": True}
+    task = Task(task_id="t", api=Api.TXT2IMG, payload=payload, created_at=1.0, updated_at=1.0, info={"n": 3})
+    item = task_to_item(task, retention_s=DAY)
+
+    assert deserialize(item["payloadFloats"]) == [["cfg_scale"], ["grid", 0], ["grid", 2, "w"]]
+    assert "infoFloats" not in item  # only a field with integral floats has one
+    got = item_to_task(item).payload
+    assert got == payload
+    assert [type(v) for v in (got["cfg_scale"], got["steps"], got["grid"][0], got["grid"][1], got["grid"][2]["w"],
+                              got["grid"][2]["h"], got["half"], got["flag"])] == [
+        float, int, float, int, float, int, float, bool]
+    # An item written before sidecars existed reads as it always did: integral numbers as ints.
+    del item["payloadFloats"]
+    assert type(item_to_task(item).payload["cfg_scale"]) is int
+
+
+def test_a_sidecar_that_does_not_match_the_value_only_restores_what_it_finds() -> None:
+    value = {"a": 1, "b": [2, "x"], "c": True}
+
+    restored = restore_floats(value, [["a"], ["b", 5], ["b", 1], ["c"], ["nope", 0], [], "junk", [["a"]]])
+
+    assert restored == {"a": 1.0, "b": [2, "x"], "c": True}
+    assert type(restored["a"]) is float and restored["c"] is True
+    assert restore_floats({"a": 1}, "not a list") == {"a": 1}
+
+
+def test_free_form_sets_or_removes_the_sidecar_with_its_field() -> None:
+    assert float_paths([1.0, 1, 1.5, {"k": -0.0}]) == [[0], [3, "k"]]
+    assert free_form("info", {"x": 1.0}) == ({"info": {"x": 1.0}, "infoFloats": [["x"]]}, [])
+    assert free_form("info", {"x": 1}) == ({"info": {"x": 1}}, ["infoFloats"])
+    assert free_form("info", None) == ({}, ["info", "infoFloats"])
+
+
 def test_items_hold_plain_typed_attributes() -> None:
     task = full_task()
     item = task_to_item(task, retention_s=30 * DAY)
@@ -114,8 +151,8 @@ def test_items_hold_plain_typed_attributes() -> None:
     assert item["listKey"] == {"S": "0001700000000.123456#full-task"}
     assert item["leaseUntil"] == {"N": "1700000042.125"}
     assert item["history"]["L"][1] == {"M": {
-        "attempt": {"N": "2"}, "worker": {"NULL": True}, "startedAt": {"NULL": True},
-        "endedAt": {"N": "1700000001.25"}, "outcome": {"S": "lost"}, "error": {"NULL": True}}}
+        "attempt": {"N": "2"}, "worker": {"NULL": True}, "started_at": {"NULL": True},
+        "ended_at": {"N": "1700000001.25"}, "outcome": {"S": "lost"}, "error": {"NULL": True}}}
 
 
 def test_unset_optional_fields_are_absent_not_null() -> None:
@@ -214,19 +251,20 @@ def test_cursor_round_trip_and_refusals() -> None:
 # DynamoTaskStore.from_url only parses ---------------------------------------------------------------------------
 
 
-def test_from_url_parses_table_region_and_retention() -> None:
-    store = DynamoTaskStore.from_url("dynamodb://sd_tasks?region=eu-west-1&retention_days=7.5")
+def test_from_url_parses_table_and_region_and_takes_the_retention_setting() -> None:
+    store = DynamoTaskStore.from_url("dynamodb://sd_tasks?region=eu-west-1", retention_days=7.5)
 
     assert (store.table, store.region, store.retention_s) == ("sd_tasks", "eu-west-1", 7.5 * DAY)
-    assert store.capabilities == frozenset({"list", "cas", "ttl"})
+    assert store.capabilities == frozenset({"list", "cas", "ttl", "expires"})
     assert DynamoTaskStore.from_url("dynamodb://My.Tasks-1/").table == "My.Tasks-1"
     assert DynamoTaskStore.from_url("dynamodb://sd_tasks").retention_s == 30 * DAY
 
 
 @pytest.mark.parametrize(("url", "match"), [
-    ("dynamodb://sd_tasks?ttl=3", "valid: region, retention_days"),
-    ("dynamodb://sd_tasks?retention_days=soon", "retention_days"),
-    ("dynamodb://sd_tasks?retention_days=0", "positive"),
+    ("dynamodb://sd_tasks?ttl=3", "valid: region$"),
+    # One retention for every backend: the URL's own parameter would disagree with --retention-days.
+    ("dynamodb://sd_tasks?retention_days=7", "--retention-days"),
+    ("dynamodb://sd_tasks?region=x&retention_days=soon", "--retention-days"),
     ("dynamodb://ab", "table name"),
     ("dynamodb://", "table name"),
     ("dynamodb://bad%20name", "table name"),
@@ -237,3 +275,8 @@ def test_from_url_parses_table_region_and_retention() -> None:
 def test_from_url_refuses_bad_urls(url: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         DynamoTaskStore.from_url(url)
+
+
+def test_a_retention_that_is_not_positive_is_refused() -> None:
+    with pytest.raises(ConfigError, match="positive"):
+        DynamoTaskStore.from_url("dynamodb://sd_tasks", retention_days=0)

@@ -121,3 +121,16 @@ except ConfigError as exc:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert "pip install 'sdasync[aws]'" in done.stdout
+
+
+def test_the_store_front_door_hands_every_store_the_retention() -> None:
+    from sdasync.backends.registry import open_store
+
+    sqlite = open_store("sqlite:///data/sdasync.db", retention_days=7)
+    assert isinstance(sqlite, SqliteTaskStore) and sqlite.retention_days == 7
+    assert isinstance(open_store("sqlite:///data/sdasync.db"), SqliteTaskStore)
+    pytest.importorskip("boto3")
+    from sdasync.backends.aws.dynamodb import DynamoTaskStore
+
+    dynamo = open_store("dynamodb://sd_tasks", retention_days=7)
+    assert isinstance(dynamo, DynamoTaskStore) and dynamo.retention_s == 7 * 86400

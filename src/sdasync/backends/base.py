@@ -120,7 +120,12 @@ class TaskPage:
 
 @runtime_checkable
 class TaskStore(Protocol):
-    """Where task state lives. Every state change is a compare-and-set."""
+    """Where task state lives. Every state change is a compare-and-set.
+
+    A task reads back equal to the one written, value for value and type for type (``1.0`` stays a float).
+    Capability ``expires``: the store deletes tasks past the retention by itself (DynamoDB's TTL), so the janitor
+    leaves it alone. The worker registry lives in the same store, apart from the tasks: no task read, listing or
+    ``stale`` ever returns a worker record, whatever its id."""
 
     capabilities: frozenset[str]
 
@@ -149,8 +154,9 @@ class TaskStore(Protocol):
         ...
 
     def stale(self, *, status: TaskStatus, updated_before: float, limit: int = 100) -> builtins.list[Task]:
-        """Up to ``limit`` tasks in ``status`` whose ``updated_at`` is before ``updated_before``, oldest first: the
-        sweeper's stranded ``queued`` tasks, the janitor's expired finished ones. Raises BackendError."""
+        """Up to ``limit`` tasks in ``status`` whose ``updated_at`` is before ``updated_before``, oldest first (ties
+        by id): the sweeper's stranded ``queued`` tasks, the janitor's expired finished ones. Read through an
+        index, so it costs what it returns. Raises ValueError for a limit outside 1..1000, BackendError."""
         ...
 
     def delete(self, task_id: str) -> None:
@@ -158,11 +164,13 @@ class TaskStore(Protocol):
         ...
 
     def put_worker(self, record: WorkerRecord) -> None:
-        """Write (or overwrite) a worker's registry record. Raises BackendError."""
+        """Write (or overwrite) a worker's registry record. Records of workers long expired may be dropped here
+        or by the store's own expiry. Raises BackendRefused for a record it cannot hold, BackendError."""
         ...
 
     def workers(self, *, now: float | None = None) -> builtins.list[WorkerRecord]:
-        """The registry's live records (``expires_at`` after ``now``), by worker id. Raises BackendError."""
+        """The registry's live records (``expires_at`` after ``now``, default the store's clock), by worker id.
+        Raises BackendError."""
         ...
 
     def remove_worker(self, worker_id: str) -> None:
@@ -178,7 +186,9 @@ class TaskStore(Protocol):
 
 @runtime_checkable
 class BlobStore(Protocol):
-    """Result images. Keys are relative paths like ``<taskId>/0.png``."""
+    """Result images (and, in a store of their own, large request payloads). Keys are relative paths like
+    ``<taskId>/0.png``. Capability ``expires``: blobs past the retention are deleted by the store itself (an S3
+    lifecycle rule), so the janitor does not delete them one by one."""
 
     capabilities: frozenset[str]
 

@@ -86,16 +86,23 @@ def open_queue(url: str) -> Queue:
     return cast("Queue", open_backend("queue", url))
 
 
-def open_store(url: str) -> TaskStore:
-    return cast("TaskStore", open_backend("store", url))
+def open_store(url: str, *, retention_days: float | None = None) -> TaskStore:
+    """``retention_days``: the service's one retention setting; every store takes it (DynamoDB expires tasks by
+    it, SQLite leaves that to the janitor)."""
+    kwargs: dict[str, Any] = {} if retention_days is None else {"retention_days": retention_days}
+    return cast("TaskStore", open_backend("store", url, **kwargs))
 
 
 def open_blobs(url: str) -> BlobStore:
     return cast("BlobStore", open_backend("blobs", url))
 
 
-def open_engine(url: str, *, models_dir: Path | None = None) -> Engine:
-    kwargs: dict[str, Any] = {} if models_dir is None else {"models_dir": models_dir}
+def open_engine(url: str, *, models_dir: Path | None = None, cache_dir: Path | None = None) -> Engine:
+    kwargs: dict[str, Any] = {}
+    if models_dir is not None:
+        kwargs["models_dir"] = models_dir
+    if cache_dir is not None:
+        kwargs["cache_dir"] = cache_dir
     return cast("Engine", open_backend("engine", url, **kwargs))
 
 

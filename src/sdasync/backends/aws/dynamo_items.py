@@ -6,10 +6,13 @@ DynamoDB's typed JSON: the store hands out ``Task`` objects only.
 
 Numbers: DynamoDB has one number type with 38 digits of precision, and boto3 refuses Python floats. Floats go in
 as ``Decimal(repr(x))`` (the shortest string that reads back as the same float) and numbers come out as ``int``
-when integral, else ``float``. Real DynamoDB normalises ``7.0`` to ``7``, so an integral float in a payload comes
-back as an equal ``int`` (``7 == 7.0``); deciding by value, not by the stored text, makes moto and AWS agree.
-The timestamp fields of a Task are always returned as floats and ``attempts`` as an int; inside ``history``
-records, as in payloads, an integral float comes back as an equal int.
+when integral, else ``float``. Real DynamoDB normalises ``7.0`` to ``7``, so the number alone cannot say whether
+it was a float: for each free-form field (``payload``, ``info``, ``progress``, ``extra``, ``history``) that holds
+integral floats, a sidecar attribute ``<attr>Floats`` lists their paths (``[["cfg_scale"], ["all_seeds", 0]]``),
+and reading turns those numbers back into floats. A task then reads back equal to the one written, type for
+type, on moto and AWS alike, with the item still readable; an item written before sidecars existed (none) reads
+as before, integral numbers as ints. The timestamp fields of a Task are always returned as floats and
+``attempts`` as an int.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ INDEX_STATUS = "byStatus"
 LIST_ALL_ATTR = "listAll"
 LIST_ALL_VALUE = "tasks"
 LIST_KEY = "listKey"
+#: The index over (status, updatedAt) that ``stale`` queries (keys only).
+INDEX_UPDATED = "byUpdated"
+UPDATED_AT = "updatedAt"
 #: The TTL attribute (epoch seconds); DynamoDB deletes the item some time (up to days) after it passes.
 EXPIRES_AT = "expiresAt"
 
@@ -46,6 +52,12 @@ CHANGE_ATTRS: Mapping[str, str] = {
     "info": "info", "error": "error", "progress": "progress", "worker": "worker", "lease_until": "leaseUntil",
     "history": "history",
 }
+
+#: Task field -> item attribute, for the free-form fields whose integral floats get a sidecar (see the docstring).
+FREE_FORM_ATTRS: Mapping[str, str] = {
+    "payload": "payload", "extra": "extra", "info": "info", "progress": "progress", "history": "history",
+}
+FLOATS_SUFFIX = "Floats"
 
 _LIST_KEY_FORMAT = re.compile(r"\d{13}\.\d{6}#.+", re.DOTALL)
 _serializer = TypeSerializer()
@@ -99,6 +111,59 @@ def from_dynamo(value: Any) -> Any:
     return value
 
 
+FloatPath = list[str | int]
+
+
+def float_paths(value: Any, path: tuple[str | int, ...] = ()) -> list[FloatPath]:
+    """The paths of the integral floats inside ``value`` (map keys and list indexes, outermost first): the
+    numbers DynamoDB would hand back as ints."""
+    if isinstance(value, float):
+        return [list(path)] if value.is_integer() else []
+    if isinstance(value, Mapping):
+        return [found for key, item in value.items() for found in float_paths(item, (*path, str(key)))]
+    if isinstance(value, list | tuple):
+        return [found for index, item in enumerate(value) for found in float_paths(item, (*path, index))]
+    return []
+
+
+def restore_floats(value: Any, paths: Any) -> Any:
+    """``value`` with the numbers at ``paths`` (from ``float_paths``) made floats again. A path that does not lead
+    to a number (an item someone edited by hand) is skipped: the sidecar only ever restores a type."""
+    if not isinstance(paths, list):
+        return value
+    for path in paths:
+        if isinstance(path, list) and path:
+            _restore(value, path)
+    return value
+
+
+def _restore(container: Any, path: list[Any]) -> None:
+    *parents, last = path
+    for step in parents:
+        container = _step(container, step)
+    number = _step(container, last)
+    if isinstance(number, int) and not isinstance(number, bool):
+        container[last] = float(number)  # _step found it there, so the index or key is valid
+
+
+def _step(container: Any, step: Any) -> Any:
+    if isinstance(container, dict) and isinstance(step, str):
+        return container.get(step)
+    if isinstance(container, list) and isinstance(step, int) and 0 <= step < len(container):
+        return container[step]
+    return None
+
+
+def free_form(attr: str, value: Any) -> tuple[dict[str, Any], list[str]]:
+    """The attributes to set and to remove for a free-form field ``attr`` holding plain ``value`` (None: remove
+    it): the value and, when it holds integral floats, its ``<attr>Floats`` sidecar."""
+    sidecar = attr + FLOATS_SUFFIX
+    if value is None:
+        return {}, [attr, sidecar]
+    paths = float_paths(value)
+    return ({attr: value, sidecar: paths}, []) if paths else ({attr: value}, [sidecar])
+
+
 def serialize(value: Any) -> dict[str, Any]:
     """One attribute value in DynamoDB's typed form (``{"M": ...}``). Raises ValueError when it cannot be."""
     try:
@@ -125,11 +190,9 @@ def task_to_item(task: Task, *, retention_s: float) -> dict[str, Any]:
     plain: dict[str, Any] = {
         KEY: task.task_id,
         "api": str(Api(task.api)),
-        "payload": dict(task.payload),
         "status": str(TaskStatus(task.status)),
         "createdAt": float(task.created_at),
-        "updatedAt": float(task.updated_at),
-        "extra": dict(task.extra),
+        UPDATED_AT: float(task.updated_at),
         LIST_ALL_ATTR: LIST_ALL_VALUE,
         LIST_KEY: list_key(task.created_at, task.task_id),
         # Retention counts from creation; a transition to a terminal state restarts it from the end.
@@ -137,14 +200,21 @@ def task_to_item(task: Task, *, retention_s: float) -> dict[str, Any]:
     }
     for field, attr in CHANGE_ATTRS.items():
         value = encode_change(field, getattr(task, field))
-        if value is not None:
+        if field in FREE_FORM_ATTRS:
+            plain.update(free_form(attr, value)[0])
+        elif value is not None:
             plain[attr] = value
+    for field in ("payload", "extra"):
+        plain.update(free_form(FREE_FORM_ATTRS[field], dict(getattr(task, field)))[0])
     return {name: serialize(value) for name, value in plain.items()}
 
 
 def item_to_task(item: Mapping[str, Any]) -> Task:
     """A Task from a typed item (GetItem, Query, ReturnValues). Unknown attributes are ignored."""
     plain = {name: deserialize(value) for name, value in item.items()}
+    for attr in FREE_FORM_ATTRS.values():
+        if attr in plain and attr + FLOATS_SUFFIX in plain:
+            plain[attr] = restore_floats(plain[attr], plain[attr + FLOATS_SUFFIX])
 
     def number(name: str) -> float | None:
         value = plain.get(name)
@@ -157,7 +227,7 @@ def item_to_task(item: Mapping[str, Any]) -> Task:
         payload=plain.get("payload") or {},
         status=TaskStatus(plain["status"]),
         created_at=float(plain["createdAt"]),
-        updated_at=float(plain["updatedAt"]),
+        updated_at=float(plain[UPDATED_AT]),
         started_at=number("startedAt"),
         finished_at=number("finishedAt"),
         attempts=int(plain.get("attempts", 0)),

@@ -1,25 +1,35 @@
 """The task store in a DynamoDB table.
 
-URL: ``dynamodb://<table>?region=<region>&retention_days=30``
+URL: ``dynamodb://<table>?region=<region>``
 
 - ``table``: the table name (3-255 characters of ``A-Z a-z 0-9 _ . -``), e.g. ``dynamodb://sd_tasks``.
 - ``region``: overrides the region of the standard AWS chain (``AWS_REGION``, shared config, instance metadata).
-- ``retention_days`` (default 30): how long a task is kept; DynamoDB's TTL deletes it afterwards.
+
+How long a task is kept is the one retention setting of every backend (``--retention-days``, default 30), given
+to ``from_url`` as the ``retention_days`` keyword; DynamoDB's TTL deletes the task afterwards (capability
+``expires``: the janitor leaves this store alone). The URL's former ``retention_days`` parameter is refused with a
+word on the setting, so two retentions can never disagree.
 
 Items are plain attributes under the partition key ``taskId`` (string), the key the original README creates by
 hand, so such a table works for create / get / transition as it is: ``api``, ``status``, ``payload`` (a map),
 ``createdAt`` / ``updatedAt`` / ``startedAt`` / ``finishedAt`` (epoch seconds), ``attempts``, ``images`` (a list of
 blob keys), ``info`` / ``progress`` / ``extra`` (maps), ``error`` (a map ``{code, message}``), ``worker``,
-``leaseUntil`` (epoch seconds), ``history`` (a list of maps, one per finished attempt), ``expiresAt`` (the TTL:
-creation + retention, restarted when the task reaches a terminal state, so a finished task stays readable for the
-whole retention, and when an operator's redrive takes it out of one), and the index keys below. Optional fields
-that are unset are absent.
-See ``dynamo_items`` for the conversion (numbers come back as int or float, never Decimal).
+``leaseUntil`` (epoch seconds), ``history`` (a list of maps, one per finished attempt), ``<field>Floats`` (which
+numbers of a free-form field are floats, see ``dynamo_items``), ``expiresAt`` (the TTL: creation + retention,
+restarted when the task reaches a terminal state, so a finished task stays readable for the whole retention, and
+when an operator's redrive takes it out of one), and the index keys below. Optional fields that are unset are
+absent. A task reads back equal to the one written, type for type (``1.0`` stays a float, ``1`` an int).
+
+The same table holds the worker registry (``put_worker`` / ``workers``), under keys ``worker#<id>`` that no task
+id can take and that no task listing or ``stale`` ever returns; see ``dynamo_workers``.
 
 Listing uses two global secondary indexes, both with projection ALL (a page is one Query, no GetItem per task):
 
 - ``byCreated``: partition ``listAll`` (always ``"tasks"``), sort ``listKey`` = ``f"{createdAt:020.6f}#{taskId}"``;
 - ``byStatus``: partition ``status``, sort ``listKey``: a transition moves the task between partitions by itself.
+
+``stale`` queries a third, keys-only index ``byUpdated`` (partition ``status``, sort ``updatedAt``), then reads the
+tasks it names strongly (BatchGetItem) and keeps those that still match.
 
 The constant ``listAll`` partition is deliberate: newest-first over all tasks is then one Query, in order. Its cost
 is a hot partition: every task write also writes that one index partition, which takes about 1,000 writes/s
@@ -30,22 +40,24 @@ N Queries by ``listKey`` (the cursor then holds N positions). ``byStatus`` has t
 Consistency: ``get`` reads strongly (a worker claims a task right after the API wrote it), and ``transition`` is
 one UpdateItem with a ConditionExpression, so it is a compare-and-set. Index reads are eventually consistent on
 AWS: a task created a moment ago may be missing from ``list`` (or appear with its previous status) for a short
-while; moto is consistent. ``ensure()`` (``sdasync aws bootstrap``) creates the table, adds missing indexes to a
-table made by hand, and enables TTL; without the indexes ``list`` raises ConfigError.
+while; moto is consistent. ``ensure()`` (``sdasync aws bootstrap``) creates the table with its three indexes and
+TTL, and adds what is missing to an existing table (one made by hand, or by a version before ``byUpdated``): see
+``dynamo_setup``. Without the indexes ``list``, ``stale`` and ``workers`` raise ConfigError.
 
-Items are bounded by DynamoDB's 400 KB: the service moves payloads over 64 KB to the blob store; an item that is
-still too large is refused with BackendRefused.
+Items are bounded by DynamoDB's 400 KB: the service moves payloads over 64 KB to the payload store; an item that
+is still too large is refused with BackendRefused.
 """
 
 from __future__ import annotations
 
+import builtins
 import re
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Self
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from botocore.exceptions import ClientError
 
@@ -53,37 +65,50 @@ from sdasync.awsclient import aws_client, error_code, translate_errors
 from sdasync.backends.aws.dynamo_items import (
     CHANGE_ATTRS,
     EXPIRES_AT,
+    FREE_FORM_ATTRS,
     INDEX_ALL,
     INDEX_STATUS,
+    INDEX_UPDATED,
     KEY,
     LIST_ALL_ATTR,
     LIST_ALL_VALUE,
     LIST_KEY,
+    UPDATED_AT,
     conflict_message,
     decode_cursor,
     encode_change,
     encode_cursor,
     expires_at,
+    free_form,
     item_to_task,
+    serialize,
     task_to_item,
     transition_condition,
     update_expression,
 )
+from sdasync.backends.aws.dynamo_queries import batch_get, query_items
+from sdasync.backends.aws.dynamo_setup import ensure_table
+from sdasync.backends.aws.dynamo_workers import (
+    WORKERS_PARTITION,
+    is_worker_key,
+    item_to_worker,
+    worker_key,
+    worker_to_item,
+)
 from sdasync.backends.base import TaskPage, check_changes, check_transition
-from sdasync.errors import BackendError, BackendRefused, ConfigError, RequestError, TaskConflict, TaskNotFound
-from sdasync.models import Task, TaskStatus
+from sdasync.errors import BackendRefused, ConfigError, RequestError, TaskConflict, TaskNotFound
+from sdasync.models import Task, TaskStatus, WorkerRecord
 from sdasync.urls import query_params
 
 MAX_LIMIT = 1000
 _TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{3,255}")
-#: index name -> (partition attribute, sort attribute)
-INDEXES: Mapping[str, tuple[str, str]] = {INDEX_ALL: (LIST_ALL_ATTR, LIST_KEY), INDEX_STATUS: ("status", LIST_KEY)}
 
 
 class DynamoTaskStore:
     """Tasks in a DynamoDB table; see the module docstring for the URL and the item layout."""
 
-    capabilities: frozenset[str] = frozenset({"list", "cas", "ttl"})
+    #: ``expires``: TTL deletes tasks past the retention by itself (the janitor skips this store).
+    capabilities: frozenset[str] = frozenset({"list", "cas", "ttl", "expires"})
 
     def __init__(self, *, table: str, region: str | None = None, retention_days: float = 30, client: Any = None,
                  clock: Callable[[], float] = time.time, ensure_timeout_s: float = 600.0) -> None:
@@ -103,9 +128,12 @@ class DynamoTaskStore:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Self:
-        """Parse ``url`` (no network); ``kwargs`` (e.g. ``client``) go to the constructor."""
+        """Parse ``url`` (no network); ``kwargs`` (e.g. ``retention_days``, ``client``) go to the constructor."""
         parts = urlsplit(url)
-        params = query_params(url, {"region": str, "retention_days": float})
+        if "retention_days" in parse_qs(parts.query):
+            raise ConfigError(f"{url!r}: retention_days is no longer a URL parameter; set --retention-days "
+                              f"(SDASYNC_RETENTION_DAYS), the one retention of every backend")
+        params = query_params(url, {"region": str})
         if parts.path not in {"", "/"}:
             raise ConfigError(f"{url!r}: use dynamodb://<table>, without a path")
         return cls(table=parts.netloc, **params, **kwargs)
@@ -121,6 +149,8 @@ class DynamoTaskStore:
     # TaskStore -------------------------------------------------------------------------------------------------
 
     def create(self, task: Task) -> None:
+        if is_worker_key(task.task_id):
+            raise BackendRefused(f"task id {task.task_id!r} is reserved for the worker registry")
         with _refused():
             item = task_to_item(task, retention_s=self.retention_s)
         old: Mapping[str, Any] | None = None
@@ -139,6 +169,8 @@ class DynamoTaskStore:
             raise TaskConflict(f"task {task.task_id} already exists", current=item_to_task(old) if old else None)
 
     def get(self, task_id: str) -> Task:
+        if is_worker_key(task_id):
+            raise TaskNotFound(f"task {task_id} not found")
         with self._call(f"get task {task_id}"):
             # Strongly consistent: a worker reads the task right after the API wrote it.
             response = self.client.get_item(TableName=self.table, Key={KEY: {"S": task_id}}, ConsistentRead=True)
@@ -151,13 +183,20 @@ class DynamoTaskStore:
                    lease_expired_before: float | None = None) -> Task:
         check_transition(expected, to)
         changes = check_changes(changes)
+        if is_worker_key(task_id):
+            raise TaskNotFound(f"task {task_id} not found")
         now = self._clock()
-        sets: dict[str, Any] = {"status": str(TaskStatus(to)), "updatedAt": float(now)}
+        sets: dict[str, Any] = {"status": str(TaskStatus(to)), UPDATED_AT: float(now)}
         removes: list[str] = []
         for field, value in changes.items():
             encoded = encode_change(field, value)
+            if field in FREE_FORM_ATTRS:
+                # The field and its float sidecar change together (see dynamo_items).
+                field_sets, field_removes = free_form(CHANGE_ATTRS[field], encoded)
+                sets.update(field_sets)
+                removes.extend(field_removes)
             # REMOVE rather than SET NULL: an unset field is an absent attribute, as create() writes it.
-            if encoded is None:
+            elif encoded is None:
                 removes.append(CHANGE_ATTRS[field])
             else:
                 sets[CHANGE_ATTRS[field]] = encoded
@@ -210,23 +249,10 @@ class DynamoTaskStore:
             request["ExclusiveStartKey"] = {
                 KEY: {"S": task_id}, partition_attr: {"S": partition}, LIST_KEY: {"S": sort_key},
             }
-        items: list[Mapping[str, Any]] = []
         with self._call(f"list tasks (index {index})"):
             # One more than asked tells whether a next page exists, so next_cursor is None exactly on the last
-            # page (a LastEvaluatedKey alone may point past the end). A Query stops at 1 MB, hence the loop.
-            while len(items) <= limit:
-                try:
-                    response = self.client.query(**request, Limit=limit + 1 - len(items))
-                except ClientError as exc:
-                    # AWS says ValidationException ("does not have the specified index"), moto ResourceNotFound.
-                    if error_code(exc) in {"ValidationException", "ResourceNotFoundException"} and index in str(exc):
-                        raise ConfigError(f"DynamoDB table {self.table!r} lacks the index {index!r} that listing "
-                                          f"needs: run `sdasync aws bootstrap` ({exc})") from exc
-                    raise
-                items.extend(response.get("Items", []))
-                if "LastEvaluatedKey" not in response:
-                    break
-                request["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+            # page (a LastEvaluatedKey alone may point past the end).
+            items = query_items(self.client, request, limit=limit + 1)
         tasks = [item_to_task(item) for item in items[:limit]]
         next_cursor = None
         if len(items) > limit:
@@ -234,101 +260,63 @@ class DynamoTaskStore:
             next_cursor = encode_cursor(items[limit - 1][LIST_KEY]["S"], last.task_id, status_value)
         return TaskPage(tasks=tasks, next_cursor=next_cursor)
 
+    def stale(self, *, status: TaskStatus, updated_before: float, limit: int = 100) -> builtins.list[Task]:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"limit must be an integer in 1..{MAX_LIMIT}")
+        status_value = str(TaskStatus(status))
+        request: dict[str, Any] = {
+            "TableName": self.table, "IndexName": INDEX_UPDATED, "KeyConditionExpression": "#p = :p AND #u < :u",
+            "ExpressionAttributeNames": {"#p": "status", "#u": UPDATED_AT},
+            "ExpressionAttributeValues": {":p": {"S": status_value}, ":u": serialize(float(updated_before))},
+            "ScanIndexForward": True,  # oldest first
+        }
+        with self._call(f"list stale {status_value} tasks (index {INDEX_UPDATED})"):
+            keys = query_items(self.client, request, limit=limit)
+            items = batch_get(self.client, self.table, [key[KEY]["S"] for key in keys])
+        tasks = [item_to_task(item) for item in items]
+        # The index lags the table on AWS: keep only what a strong read still finds stale.
+        found = [task for task in tasks if task.status == status_value and task.updated_at < updated_before]
+        return sorted(found, key=lambda task: (task.updated_at, task.task_id))
+
+    def delete(self, task_id: str) -> None:
+        if is_worker_key(task_id):
+            return  # not a task: a registry record is removed by remove_worker only
+        with self._call(f"delete task {task_id}"):
+            self.client.delete_item(TableName=self.table, Key={KEY: {"S": task_id}})
+
+    # Worker registry -------------------------------------------------------------------------------------------
+
+    def put_worker(self, record: WorkerRecord) -> None:
+        with _refused():
+            item = worker_to_item(record)
+        with self._call(f"put worker record {record.worker_id}"):
+            self.client.put_item(TableName=self.table, Item=item)
+
+    def workers(self, *, now: float | None = None) -> builtins.list[WorkerRecord]:
+        now = self._clock() if now is None else now
+        request: dict[str, Any] = {
+            "TableName": self.table, "IndexName": INDEX_ALL, "KeyConditionExpression": "#p = :p",
+            "ExpressionAttributeNames": {"#p": LIST_ALL_ATTR},
+            "ExpressionAttributeValues": {":p": {"S": WORKERS_PARTITION}},
+        }
+        with self._call(f"list worker records (index {INDEX_ALL})"):
+            records = [item_to_worker(item) for item in query_items(self.client, request)]
+        # TTL deletes expired records late (up to days): leave them out here.
+        return sorted((r for r in records if r.expires_at > now), key=lambda r: r.worker_id)
+
+    def remove_worker(self, worker_id: str) -> None:
+        with self._call(f"remove worker record {worker_id}"):
+            self.client.delete_item(TableName=self.table, Key=worker_key(worker_id))
+
     # Setup -----------------------------------------------------------------------------------------------------
 
     def ensure(self) -> None:
-        """Create the table, its listing indexes and TTL where missing, waiting until all are ACTIVE. Idempotent:
-        on a ready table it only reads. Raises ConfigError when an index of the same name has other keys or TTL is
-        on another attribute (a table has one TTL attribute), BackendError (also when the wait times out)."""
-        deadline = time.monotonic() + self._ensure_timeout_s
+        """Create the table, its indexes and TTL where missing (see ``dynamo_setup``), waiting until all are
+        ACTIVE. Idempotent: on a ready table it only reads. Raises ConfigError when an index of the same name has
+        other keys or TTL is on another attribute (a table has one TTL attribute), BackendError (also when the
+        wait times out)."""
         with self._call(f"ensure table {self.table}"):
-            description = self._describe()
-            if description is None:
-                self._create_table()
-                description = self._wait_active(deadline)
-            existing = {index["IndexName"]: index for index in description.get("GlobalSecondaryIndexes", [])}
-            for name, keys in INDEXES.items():
-                if name in existing:
-                    schema = {key["KeyType"]: key["AttributeName"] for key in existing[name]["KeySchema"]}
-                    if (schema.get("HASH"), schema.get("RANGE")) != keys:
-                        raise ConfigError(f"table {self.table!r} has an index {name!r} keyed on {schema}, not {keys}")
-                    continue
-                # A table made by hand (the original README: taskId only). DynamoDB adds one index per UpdateTable
-                # and backfills it from the items, which already carry the key attributes.
-                self._wait_active(deadline)
-                self._add_index(name, description)
-                description = self._wait_active(deadline)
-            self._ensure_ttl()
-
-    def _describe(self) -> dict[str, Any] | None:
-        try:
-            table: dict[str, Any] = self.client.describe_table(TableName=self.table)["Table"]
-        except ClientError as exc:
-            if error_code(exc) == "ResourceNotFoundException":
-                return None
-            raise
-        return table
-
-    def _create_table(self) -> None:
-        try:
-            self.client.create_table(
-                TableName=self.table, BillingMode="PAY_PER_REQUEST",
-                KeySchema=[{"AttributeName": KEY, "KeyType": "HASH"}],
-                AttributeDefinitions=_attribute_definitions(),
-                GlobalSecondaryIndexes=[_index_spec(name) for name in INDEXES],
-            )
-        except ClientError as exc:
-            if error_code(exc) != "ResourceInUseException":  # another process created it first: fine
-                raise
-
-    def _add_index(self, name: str, description: Mapping[str, Any]) -> None:
-        spec = _index_spec(name)
-        if description.get("BillingModeSummary", {}).get("BillingMode") != "PAY_PER_REQUEST":
-            # A provisioned table (the console's default) needs capacity for the index too: mirror the table's.
-            throughput = description.get("ProvisionedThroughput", {})
-            spec["ProvisionedThroughput"] = {
-                "ReadCapacityUnits": max(1, int(throughput.get("ReadCapacityUnits") or 1)),
-                "WriteCapacityUnits": max(1, int(throughput.get("WriteCapacityUnits") or 1)),
-            }
-        try:
-            self.client.update_table(TableName=self.table, AttributeDefinitions=_attribute_definitions(),
-                                     GlobalSecondaryIndexUpdates=[{"Create": spec}])
-        except ClientError as exc:
-            # Another process added it first: waiting for it is all that is left. (Another process adding some
-            # other index is a LimitExceededException: retryable, and ensure() is safe to run again.)
-            code = error_code(exc)
-            if not (code == "ResourceInUseException" or (code == "ValidationException" and "exists" in str(exc))):
-                raise
-
-    def _wait_active(self, deadline: float) -> dict[str, Any]:
-        """Poll until the table and all its indexes are ACTIVE (and backfilled); the description then."""
-        delay = 0.05
-        while True:
-            description = self._describe()
-            if description is not None and description.get("TableStatus") == "ACTIVE" and all(
-                    index.get("IndexStatus") == "ACTIVE" and not index.get("Backfilling")
-                    for index in description.get("GlobalSecondaryIndexes", [])):
-                return description
-            if time.monotonic() + delay > deadline:
-                raise BackendError(f"table {self.table!r} is not ACTIVE after {self._ensure_timeout_s:g} s "
-                                   f"(status {None if description is None else description.get('TableStatus')})")
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-    def _ensure_ttl(self) -> None:
-        ttl = self.client.describe_time_to_live(TableName=self.table).get("TimeToLiveDescription", {})
-        state, attribute = ttl.get("TimeToLiveStatus"), ttl.get("AttributeName")
-        if state in {"ENABLED", "ENABLING"}:
-            if attribute != EXPIRES_AT:
-                raise ConfigError(f"table {self.table!r} expires items by {attribute!r}; sdasync needs TTL on "
-                                  f"{EXPIRES_AT!r} (a table has one TTL attribute)")
-            return
-        try:
-            self.client.update_time_to_live(
-                TableName=self.table, TimeToLiveSpecification={"Enabled": True, "AttributeName": EXPIRES_AT})
-        except ClientError as exc:
-            if error_code(exc) != "ValidationException" or "already enabled" not in str(exc).lower():
-                raise
+            ensure_table(self.client, self.table, timeout_s=self._ensure_timeout_s)
 
     # Lifecycle -------------------------------------------------------------------------------------------------
 
@@ -366,21 +354,6 @@ def _refused() -> Iterator[None]:
         yield
     except ValueError as exc:
         raise BackendRefused(str(exc)) from exc
-
-
-def _attribute_definitions() -> list[dict[str, str]]:
-    # Only key attributes are declared: DynamoDB is schemaless for the rest.
-    return [{"AttributeName": name, "AttributeType": "S"} for name in (KEY, LIST_ALL_ATTR, LIST_KEY, "status")]
-
-
-def _index_spec(name: str) -> dict[str, Any]:
-    partition, sort = INDEXES[name]
-    return {
-        "IndexName": name,
-        "KeySchema": [{"AttributeName": partition, "KeyType": "HASH"}, {"AttributeName": sort, "KeyType": "RANGE"}],
-        # ALL: a page of tasks is one Query, with no GetItem per task; the items are small.
-        "Projection": {"ProjectionType": "ALL"},
-    }
 
 
 def _response(exc: ClientError) -> dict[str, Any]:

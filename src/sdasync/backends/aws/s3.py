@@ -18,11 +18,23 @@ absolute paths, backslashes and NUL are refused with RequestError). The object k
 Without a CDN, ``url()`` mints a presigned GET URL at call time. Store keys, never URLs: a stored one expires.
 Presigning is local (a signature over the request, no call to S3). The bucket stays private: ``ensure()`` creates
 it where missing, blocks all public access and sets SSE-S3 default encryption; run twice it changes nothing.
+
+Retention: given ``retention_days`` (the service's one retention setting, a ``from_url`` keyword, not a URL
+parameter), ``ensure()`` (``sdasync aws bootstrap``) also puts a lifecycle rule on the bucket that expires objects
+under ``<prefix>/`` that many days (rounded up; S3 counts whole days from each object's creation) after they were
+written. The rule has its own ID (``sdasync-expire:<prefix>``), so the other rules of the bucket, and the rules
+of other prefixes sharing it (results and payloads), are kept; run twice, it changes nothing. The store has the
+capability ``expires`` (the janitor then leaves its blobs alone) once it knows the bucket has that rule: after
+``ensure()``, or after ``check_lifecycle()`` found it (one GetBucketLifecycleConfiguration; opening the store
+makes no call). Until then, or when the check fails, it claims nothing, so blobs are deleted explicitly: claiming
+it wrongly would keep them forever.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import math
 import re
 import threading
 from typing import Any, Self
@@ -30,7 +42,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from sdasync.awsclient import aws_client, error_code, translate_errors
 from sdasync.backends.keys import check_key
-from sdasync.errors import BackendError, BlobNotFound, ConfigError, RequestError
+from sdasync.errors import BackendError, BlobNotFound, ConfigError, RequestError, SdasyncError
 from sdasync.urls import query_params
 
 URL_PARAMS: dict[str, type[Any]] = {"region": str, "cdn": str, "expires": int}
@@ -42,6 +54,10 @@ IMAGE_CACHE_CONTROL = "public, max-age=86400"
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_NO_LIFECYCLE_CODES = frozenset({"NoSuchLifecycleConfiguration"})
+RULE_ID_PREFIX = "sdasync-expire:"
+
+log = logging.getLogger(__name__)
 
 
 class S3BlobStore:
@@ -50,7 +66,7 @@ class S3BlobStore:
     capabilities: frozenset[str]
 
     def __init__(self, *, bucket: str, prefix: str = "", region: str | None = None, cdn: str | None = None,
-                 expires_s: int = 3600, client: Any = None) -> None:
+                 expires_s: int = 3600, retention_days: float | None = None, client: Any = None) -> None:
         if not _BUCKET.match(bucket) or ".." in bucket or _is_ip_address(bucket):
             raise ConfigError(f"S3 bucket name {bucket!r}: 3..63 lowercase letters, digits, '.' or '-'")
         prefix = prefix.strip("/")
@@ -66,12 +82,17 @@ class S3BlobStore:
             cdn = cdn.rstrip("/")
         if not 1 <= expires_s <= MAX_EXPIRES_S:
             raise ConfigError(f"s3 blobs: expires must be 1..{MAX_EXPIRES_S} seconds, not {expires_s}")
+        if retention_days is not None and not retention_days > 0:
+            raise ConfigError(f"retention_days must be positive, not {retention_days!r}")
         self.bucket = bucket
         self.prefix = prefix
         self.region = region
         self.cdn = cdn
         self.expires_s = expires_s
-        self.capabilities = frozenset({"presigned_url", "cdn"} if cdn else {"presigned_url"})
+        self.retention_days = retention_days
+        self._static_capabilities = frozenset({"presigned_url", "cdn"} if cdn else {"presigned_url"})
+        #: ``expires`` joins once ``ensure()`` set the lifecycle rule or ``check_lifecycle()`` found it.
+        self.capabilities = self._static_capabilities
         # The client is made on first use: building the object (and from_url) touches no network.
         self._client = client
         self._owns_client = client is None
@@ -88,6 +109,27 @@ class S3BlobStore:
         if "expires" in params:
             params["expires_s"] = params.pop("expires")
         return cls(bucket=parts.netloc, prefix=unquote(parts.path), **{**params, **kwargs})
+
+    def check_lifecycle(self) -> bool:
+        """Look the bucket's lifecycle rules up and add ``expires`` to ``capabilities`` when they hold this store's
+        rule (with the store's retention, when it has one); returns whether they do. Never raises: a failed
+        lookup counts as no rule, so blobs are then deleted explicitly."""
+        expires = self._has_lifecycle_rule()
+        self._set_expires(expires)
+        return expires
+
+    def _set_expires(self, expires: bool) -> None:
+        self.capabilities = (self._static_capabilities | {"expires"}) if expires else self._static_capabilities
+
+    @property
+    def lifecycle_rule_id(self) -> str:
+        return RULE_ID_PREFIX + (self.prefix or "*")
+
+    def lifecycle_rule(self, retention_days: float) -> dict[str, Any]:
+        """The lifecycle rule that expires this store's objects after ``retention_days``."""
+        return {"ID": self.lifecycle_rule_id, "Status": "Enabled",
+                "Filter": {"Prefix": f"{self.prefix}/" if self.prefix else ""},
+                "Expiration": {"Days": max(1, math.ceil(retention_days))}}
 
     def _s3(self) -> Any:
         with self._lock:
@@ -127,6 +169,45 @@ class S3BlobStore:
                 "RestrictPublicBuckets": True})
             s3.put_bucket_encryption(Bucket=self.bucket, ServerSideEncryptionConfiguration={
                 "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
+        if self.retention_days is not None:
+            self._ensure_lifecycle(self.retention_days)
+
+    def _ensure_lifecycle(self, retention_days: float) -> None:
+        """Put this store's expiry rule among the bucket's lifecycle rules, keeping every other rule. A no-op when
+        the rule is there as wanted. (PutBucketLifecycleConfiguration replaces the whole set, hence the merge.)"""
+        s3 = self._s3()
+        wanted = self.lifecycle_rule(retention_days)
+        with translate_errors(f"set the lifecycle of S3 bucket {self.bucket!r}"):
+            rules = self._lifecycle_rules()
+            ours = [rule for rule in rules if rule.get("ID") == wanted["ID"]]
+            if not (len(ours) == 1 and _same_rule(ours[0], wanted)):
+                others = [rule for rule in rules if rule.get("ID") != wanted["ID"]]
+                s3.put_bucket_lifecycle_configuration(Bucket=self.bucket,
+                                                      LifecycleConfiguration={"Rules": [*others, wanted]})
+        self._set_expires(True)
+
+    def _lifecycle_rules(self) -> list[dict[str, Any]]:
+        """The bucket's lifecycle rules; none when it has no configuration. Call inside translate_errors."""
+        try:
+            response = self._s3().get_bucket_lifecycle_configuration(Bucket=self.bucket)
+        except Exception as exc:
+            if error_code(exc) in _NO_LIFECYCLE_CODES:
+                return []
+            raise
+        return [dict(rule) for rule in response.get("Rules", [])]
+
+    def _has_lifecycle_rule(self) -> bool:
+        try:
+            with translate_errors(f"read the lifecycle of S3 bucket {self.bucket!r}"):
+                rules = self._lifecycle_rules()
+        except SdasyncError as exc:
+            # Claiming "expires" wrongly would leave blobs forever; not claiming it costs explicit deletes.
+            log.info("s3 blobs %s: lifecycle not checked (%s); blobs are deleted explicitly", self.bucket, exc)
+            return False
+        for rule in rules:
+            if rule.get("ID") == self.lifecycle_rule_id and rule.get("Status") == "Enabled":
+                return self.retention_days is None or _same_rule(rule, self.lifecycle_rule(self.retention_days))
+        return False
 
     def put(self, key: str, data: bytes, *, content_type: str = "image/png") -> None:
         object_key = self.object_key(key)
@@ -181,6 +262,15 @@ class S3BlobStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _same_rule(have: dict[str, Any], want: dict[str, Any]) -> bool:
+    """Whether a rule as S3 returns it does what ``want`` asks (S3 may add or reorder fields)."""
+    def prefix(rule: dict[str, Any]) -> str:
+        return str((rule.get("Filter") or {}).get("Prefix", rule.get("Prefix", "")))
+
+    return (have.get("Status") == want["Status"] and prefix(have) == prefix(want)
+            and (have.get("Expiration") or {}).get("Days") == want["Expiration"]["Days"])
 
 
 def _is_ip_address(name: str) -> bool:

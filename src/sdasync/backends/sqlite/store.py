@@ -1,18 +1,24 @@
 """The task store in a SQLite file (by default the queue's file; the table is ``tasks``).
 
 URL: ``sqlite:///path/to.db`` (three slashes: relative to the working directory; four: absolute). No query
-parameters.
+parameters. ``from_url`` takes the service's ``retention_days`` like every store; SQLite does not expire rows by
+itself (no capability ``expires``), so the janitor deletes finished tasks past it through ``stale`` and ``delete``.
+
+The same file holds the worker registry (table ``workers``, see ``workers.py``).
 
 Every state change is one ``UPDATE ... WHERE task_id = ? AND status IN (...) [AND attempts = ?] [AND <lease
 passed>]`` checked by its row count, inside a ``BEGIN IMMEDIATE`` transaction that also reads the row back, so the
 caller gets either the task it wrote or, on a lost compare-and-set, the task as it is now.
 
 A file made by an older version (without ``lease_until`` and ``history``) is upgraded in place on first use:
-``ADDED_COLUMNS`` are added by ``ALTER TABLE``, which leaves old rows with a NULL lease and an empty history.
+``ADDED_COLUMNS`` are added by ``ALTER TABLE``, which leaves old rows with a NULL lease and an empty history. The
+``tasks_status_updated`` index and the ``workers`` table are ``IF NOT EXISTS`` statements of the schema, so an
+older file gains them on first use too.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import time
@@ -23,9 +29,10 @@ from typing import Any, Self
 
 from sdasync.backends.base import TaskPage, check_changes, check_transition
 from sdasync.backends.cursor import decode_cursor, encode_cursor
+from sdasync.backends.sqlite import workers as worker_rows
 from sdasync.backends.sqlite.db import SqliteDatabase
-from sdasync.errors import RequestError, TaskConflict, TaskNotFound
-from sdasync.models import Api, Task, TaskError, TaskStatus, plain_field
+from sdasync.errors import BackendRefused, RequestError, TaskConflict, TaskNotFound
+from sdasync.models import Api, Task, TaskError, TaskStatus, WorkerRecord, plain_field
 from sdasync.urls import path_from_url, query_params
 
 SCHEMA = (
@@ -53,6 +60,9 @@ SCHEMA = (
     # list() walks one of these in order and stops after a page: no sort, whatever the table's size.
     "CREATE INDEX IF NOT EXISTS tasks_newest ON tasks (created_at DESC, task_id DESC)",
     "CREATE INDEX IF NOT EXISTS tasks_status_newest ON tasks (status, created_at DESC, task_id DESC)",
+    # stale() walks this one from its oldest entry: the sweeper's and the janitor's queries stay index range scans.
+    "CREATE INDEX IF NOT EXISTS tasks_status_updated ON tasks (status, updated_at, task_id)",
+    *worker_rows.SCHEMA,
 )
 
 COLUMNS = ("task_id", "api", "payload", "status", "created_at", "updated_at", "started_at", "finished_at",
@@ -69,8 +79,10 @@ class SqliteTaskStore:
 
     capabilities: frozenset[str] = frozenset({"list", "cas"})
 
-    def __init__(self, *, path: str | Path, busy_timeout_s: float = 10.0,
+    def __init__(self, *, path: str | Path, busy_timeout_s: float = 10.0, retention_days: float | None = None,
                  clock: Callable[[], float] = time.time) -> None:
+        #: Kept for callers to read; the janitor, not this store, acts on it.
+        self.retention_days = retention_days
         self._clock = clock
         # Connections open on first use, so building the object (and from_url) touches no disk.
         self._db = SqliteDatabase(path, schema=SCHEMA, busy_timeout_s=busy_timeout_s)
@@ -78,7 +90,7 @@ class SqliteTaskStore:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Self:
-        """Parse ``url`` (opens nothing); ``kwargs`` (e.g. ``clock``) go to the constructor."""
+        """Parse ``url`` (opens nothing); ``kwargs`` (e.g. ``retention_days``, ``clock``) go to the constructor."""
         query_params(url, {})
         return cls(path=path_from_url(url), **kwargs)
 
@@ -161,6 +173,38 @@ class SqliteTaskStore:
             last = tasks[-1]
             next_cursor = _encode_cursor(last.created_at, last.task_id, status_value)
         return TaskPage(tasks=tasks, next_cursor=next_cursor)
+
+    def stale(self, *, status: TaskStatus, updated_before: float, limit: int = 100) -> builtins.list[Task]:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"limit must be an integer in 1..{MAX_LIMIT}")
+        with self._read() as conn:
+            rows = conn.execute(f"{_SELECT} WHERE status = ? AND updated_at < ? ORDER BY updated_at, task_id LIMIT ?",
+                                (str(TaskStatus(status)), float(updated_before), limit)).fetchall()
+        return [_decode_task(row) for row in rows]
+
+    def delete(self, task_id: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+
+    def put_worker(self, record: WorkerRecord) -> None:
+        try:
+            row = worker_rows.encode_worker(record)
+        except ValueError as exc:  # NaN in the health's facts: no retry makes it storable
+            raise BackendRefused(f"worker record {record.worker_id}: {exc}") from exc
+        with self._write() as conn:
+            conn.execute(worker_rows.UPSERT, row)
+            # Dead workers' records go here, a while after they expired: SQLite has no TTL.
+            conn.execute(worker_rows.PRUNE, (self._clock() - worker_rows.PRUNE_AFTER_S,))
+
+    def workers(self, *, now: float | None = None) -> builtins.list[WorkerRecord]:
+        now = self._clock() if now is None else now
+        with self._read() as conn:
+            rows = conn.execute(worker_rows.SELECT_LIVE, (float(now),)).fetchall()
+        return [worker_rows.decode_worker(row) for row in rows]
+
+    def remove_worker(self, worker_id: str) -> None:
+        with self._write() as conn:
+            conn.execute(worker_rows.DELETE, (worker_id,))
 
     def close(self) -> None:
         self._db.close()
