@@ -14,8 +14,9 @@ from typing import Any
 
 from sdasync.backends.base import DeadLetter, DeadLetterQueue
 from sdasync.errors import ConfigError, TaskConflict, TaskNotFound
-from sdasync.models import TaskStatus
+from sdasync.models import AttemptRecord, Outcome, Task, TaskStatus
 from sdasync.service import Backends
+from sdasync.timefmt import iso
 
 
 def _dead_letter_queue(backends: Backends) -> DeadLetterQueue:
@@ -29,16 +30,34 @@ def _dead_letters(backends: Backends, limit: int) -> list[DeadLetter]:
     return _dead_letter_queue(backends).dead_letters(limit=limit)
 
 
+def dead_letter_json(letter: DeadLetter, status: str) -> dict[str, Any]:
+    """One row of ``dlq list``: JSON like the API's (camelCase keys, ISO-8601 UTC times), built only here."""
+    return {"taskId": letter.body, "status": status, "reason": letter.reason, "deliveries": letter.receive_count,
+            "deadAt": iso(letter.dead_at), "messageId": letter.message_id}
+
+
 def list_dead(backends: Backends, *, limit: int = 100) -> list[dict[str, Any]]:
+    """The dead letters, oldest first, each with its task's current status (``missing`` when the task is gone).
+
+    ``deliveries`` is how many times the queue handed the message to a worker before it was dead-lettered (SQS's
+    ApproximateReceiveCount): a task that failed on its first try shows 1; a count at the queue's
+    ``max_receives`` means the queue gave up on the message by itself. ``deadAt`` is when it was dead-lettered
+    (on SQS, when SQS's own redrive policy moved it: the message's original send time)."""
     rows = []
     for letter in _dead_letters(backends, limit):
         try:
             status: str = backends.store.get(letter.body).status.value
         except TaskNotFound:
             status = "missing"
-        rows.append({"taskId": letter.body, "status": status, "reason": letter.reason,
-                     "receiveCount": letter.receive_count, "deadAt": letter.dead_at, "messageId": letter.message_id})
+        rows.append(dead_letter_json(letter, status))
     return rows
+
+
+def redriven_record(task: Task, now: float) -> AttemptRecord:
+    """The history record an operator's redrive appends: it resets the count of attempts used (the worker's and
+    the sweeper's alike count only since the last one)."""
+    return AttemptRecord(attempt=task.attempts, worker=None, started_at=None, ended_at=now,
+                         outcome=Outcome.REDRIVEN)
 
 
 def redrive(backends: Backends, task_ids: Collection[str] | None = None, *, limit: int = 1000) -> list[dict[str, str]]:
@@ -52,8 +71,7 @@ def redrive(backends: Backends, task_ids: Collection[str] | None = None, *, limi
             try:
                 task = backends.store.get(letter.body)
                 if task.status is TaskStatus.FAILED:
-                    marker = {"attempt": task.attempts, "worker": None, "startedAt": None, "endedAt": time.time(),
-                              "outcome": "redriven", "error": None}
+                    marker = redriven_record(task, time.time())
                     backends.store.transition(task.task_id, expected={TaskStatus.FAILED}, to=TaskStatus.QUEUED,
                                               changes={"finished_at": None, "history": (*task.history, marker)})
                 elif task.status.is_terminal:

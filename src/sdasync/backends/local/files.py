@@ -7,12 +7,17 @@ Keys are relative paths like ``<taskId>/0.png``. Anything that could name a file
 RequestError (field ``key``): empty keys or segments, absolute paths, ``.`` or ``..`` segments, backslashes, NUL,
 and paths that a symlink inside the root would lead outside it. Writes are atomic (a temporary file in the same
 directory, then ``os.replace``), so a reader sees the old image or the new one, never half of one.
+
+``expire(before)`` deletes every file last written before a time: the janitor's sweep for blobs no task refers
+to any more (a payload stored for a submit whose send failed, a crash's leftover temporary file). It treats
+everything under the root as this store's, so the root must be a directory of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Self
@@ -122,6 +127,26 @@ class FileBlobStore:
                 break  # not empty (or already gone): stop
             parent = parent.parent
 
+    def expire(self, before: float) -> int:
+        """Delete every file under the root last modified before ``before`` (epoch seconds), and the directories
+        that leaves empty; returns how many files went. A temporary file being written is fresh, so it is kept;
+        one older than ``before`` is a crash's leftover and goes too. Symlinks are never followed or removed.
+        Raises BackendError when the root cannot be read."""
+        if not self.root.exists():
+            return 0
+        removed = 0
+        try:
+            # Bottom-up, so a directory is looked at after its files are gone.
+            for dirpath, dirnames, filenames in os.walk(self.root, topdown=False, onerror=_raise):
+                for name in filenames:
+                    removed += _remove_if_older(os.path.join(dirpath, name), before)
+                for name in dirnames:
+                    with contextlib.suppress(OSError):  # not empty, a symlink, or just refilled by a put
+                        os.rmdir(os.path.join(dirpath, name))
+        except OSError as exc:
+            raise BackendError(f"cannot expire blobs under {self.root}: {exc}") from exc
+        return removed
+
     def close(self) -> None:
         """Nothing to release; present for the BlobStore Protocol."""
 
@@ -130,3 +155,19 @@ class FileBlobStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def _remove_if_older(path: str, before: float) -> int:
+    """1 if the regular file at ``path`` was older than ``before`` and is gone now, else 0."""
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_mtime >= before:
+            return 0
+        os.unlink(path)
+    except FileNotFoundError:
+        return 0  # deleted meanwhile (a concurrent delete or expire): nothing left to do
+    return 1

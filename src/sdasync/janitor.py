@@ -1,0 +1,156 @@
+"""The janitor: deletes finished tasks, their stored request payloads and their images past the retention period.
+
+One pass is ``purge(backends, retention_s=...)``; ``maintenance.Maintenance`` runs it periodically inside
+``serve`` / ``api``. Only terminal tasks (succeeded, failed, cancelled) whose last change is older than the
+retention go; a queued or running task is never touched, however old.
+
+Order per task: its image blobs and its stored payload first, the task record last. A blob delete that fails
+leaves the task in place for the next pass, so a task never points at images that are gone; a crash between
+the two leaves a task whose blobs are already deleted, which the next pass deletes again (deleting a missing
+blob is not an error).
+
+What expires by itself is left alone: a task store with the ``expires`` capability (DynamoDB with TTL) deletes
+its tasks, a blob store with ``expires`` (S3 with a lifecycle rule) its blobs. File blob stores also get a sweep by
+age (``FileBlobStore.expire``) for blobs no task refers to any more, such as the payload of a submit whose
+message could not be sent; it runs past the retention plus a margin, so nothing a live task still needs is old
+enough.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from sdasync.backends.base import BlobStore
+from sdasync.errors import SdasyncError, TaskNotFound
+from sdasync.models import TERMINAL, Task, TaskStatus
+from sdasync.service import LEGACY_PAYLOAD_REF, PAYLOAD_REF, Backends
+
+log = logging.getLogger(__name__)
+
+#: Files no task refers to are deleted this long after the retention period, so a task that is still waiting
+#: (queued for days, then redriven) keeps its payload.
+ORPHAN_MARGIN_S = 86_400.0
+#: Tasks read from the store per batch.
+BATCH = 100
+
+
+@runtime_checkable
+class ExpiringBlobStore(Protocol):
+    """A blob store that can delete blobs by age (``FileBlobStore``)."""
+
+    def expire(self, before: float) -> int: ...
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    """What one pass deleted, and how many tasks it had to leave for the next pass because a delete failed."""
+
+    tasks: int = 0
+    images: int = 0
+    payloads: int = 0
+    #: Files deleted by age that no task referred to.
+    orphans: int = 0
+    errors: int = 0
+
+    def __bool__(self) -> bool:
+        return any((self.tasks, self.images, self.payloads, self.orphans, self.errors))
+
+
+@dataclass
+class _Tally:
+    tasks: int = 0
+    images: int = 0
+    payloads: int = 0
+    orphans: int = 0
+    errors: int = 0
+
+    def report(self) -> PurgeReport:
+        return PurgeReport(tasks=self.tasks, images=self.images, payloads=self.payloads, orphans=self.orphans,
+                           errors=self.errors)
+
+
+def purge(backends: Backends, *, retention_s: float, now: float | None = None, limit: int = BATCH,
+          orphan_margin_s: float = ORPHAN_MARGIN_S) -> PurgeReport:
+    """Delete terminal tasks last changed more than ``retention_s`` before ``now``, blobs first; then files older
+    than the retention plus ``orphan_margin_s`` in file blob stores. Never raises for a backend's failure: it is
+    logged and counted in ``errors``, and the next pass tries again."""
+    if retention_s < 0:
+        raise ValueError(f"retention_s must be >= 0, not {retention_s}")
+    now = time.time() if now is None else now
+    cutoff = now - retention_s
+    tally = _Tally()
+    if "expires" not in backends.store.capabilities:
+        for status in sorted(TERMINAL):
+            _purge_status(backends, status, cutoff, limit, tally)
+    _expire_files(backends, cutoff - orphan_margin_s, tally)
+    return tally.report()
+
+
+def _purge_status(backends: Backends, status: TaskStatus, cutoff: float, limit: int, tally: _Tally) -> None:
+    seen: set[str] = set()
+    while True:
+        try:
+            batch = backends.store.stale(status=status, updated_before=cutoff, limit=limit)
+        except SdasyncError as exc:
+            log.warning("janitor: cannot list %s tasks: %s", status, exc)
+            tally.errors += 1
+            return
+        fresh = [task for task in batch if task.task_id not in seen]
+        for task in fresh:
+            seen.add(task.task_id)
+            _purge_task(backends, task, cutoff, tally)
+        # A short batch is the last one; a batch of tasks already tried (their deletes failed) would repeat.
+        if len(batch) < limit or not fresh:
+            return
+
+
+def _purge_task(backends: Backends, listed: Task, cutoff: float, tally: _Tally) -> None:
+    try:
+        # Read again just before deleting: an operator may have redriven a failed task since it was listed, and a
+        # redriven task needs its payload. (A conditional delete would close the remaining window.)
+        task = backends.store.get(listed.task_id)
+        if not task.status.is_terminal or task.updated_at >= cutoff:
+            return
+        images = _delete_blobs(backends.blobs, task.images)
+        payloads = _delete_blobs(backends.payloads, _refs(task, PAYLOAD_REF))
+        payloads += _delete_blobs(backends.blobs, _refs(task, LEGACY_PAYLOAD_REF))
+        backends.store.delete(task.task_id)
+    except TaskNotFound:
+        return  # deleted meanwhile (another janitor): nothing left to do
+    except SdasyncError as exc:
+        log.warning("janitor: task %s left for the next pass: %s", listed.task_id, exc)
+        tally.errors += 1
+        return
+    tally.tasks += 1
+    tally.images += images
+    tally.payloads += payloads
+
+
+def _refs(task: Task, name: str) -> tuple[str, ...]:
+    ref = task.extra.get(name)
+    return (str(ref),) if ref else ()
+
+
+def _delete_blobs(blobs: BlobStore, keys: tuple[str, ...]) -> int:
+    """Delete ``keys`` unless the store expires blobs by itself; how many deletes were issued."""
+    if "expires" in blobs.capabilities:
+        return 0
+    for key in keys:
+        blobs.delete(key)
+    return len(keys)
+
+
+def _expire_files(backends: Backends, before: float, tally: _Tally) -> None:
+    stores: list[BlobStore] = [backends.blobs]
+    if backends.payloads is not backends.blobs:
+        stores.append(backends.payloads)
+    for store in stores:
+        if isinstance(store, ExpiringBlobStore) and "expires" not in store.capabilities:
+            try:
+                tally.orphans += store.expire(before)
+            except SdasyncError as exc:
+                log.warning("janitor: cannot expire old files: %s", exc)
+                tally.errors += 1
