@@ -34,7 +34,8 @@ def test_submit_answers_at_once_with_a_task_id(client: TestClient) -> None:
     assert response.status_code == 202
     body = response.json()
     assert body["status"] == "queued"
-    assert response.headers["location"] == f"/tasks/{body['taskId']}"
+    # "testserver" is not a trusted host: the URL is the bind address's, absolute so it works behind a stage.
+    assert response.headers["location"] == f"http://127.0.0.1:8080/tasks/{body['taskId']}"
     task = client.get("/task", params={"taskId": body["taskId"]}).json()
     assert task["taskId"] == body["taskId"]
     assert task["status"] == "queued"
@@ -150,6 +151,14 @@ def test_openapi_documents_the_routes(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert {"/task", "/tasks", "/tasks/{task_id}", "/healthz"} <= set(spec["paths"])
     assert "requestBody" in spec["paths"]["/task"]["post"]
+    assert {"202", "413", "415", "422", "503"} <= set(spec["paths"]["/task"]["post"]["responses"])
+    schemas = spec["components"]["schemas"]
+    assert set(schemas["TaskRequest"]["discriminator"]["mapping"]) == {"/sdapi/v1/txt2img", "/sdapi/v1/img2img"}
+    txt2img = schemas["Txt2ImgPayload"]
+    assert txt2img["additionalProperties"] is False
+    assert (txt2img["properties"]["steps"]["minimum"], txt2img["properties"]["steps"]["maximum"]) == (1, 150)
+    assert {"sampler_index", "firstphase_width", "s_churn", "eta", "hr_prompt"} <= set(txt2img["properties"])
+    assert "init_images" in schemas["Img2ImgPayload"]["required"]
     assert client.get("/docs").status_code == 200
 
 

@@ -138,3 +138,49 @@ def test_module_handler_reads_the_environment_and_imports_no_torch(tmp_path: Pat
                           check=False)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "lambda" / "sdasync.db").exists()
+
+
+def succeed(settings: Settings, task_id: str) -> None:
+    from sdasync.models import TaskStatus
+
+    with open_backends(settings) as backends:
+        backends.store.transition(task_id, expected={TaskStatus.QUEUED}, to=TaskStatus.RUNNING)
+        backends.store.transition(task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.SUCCEEDED,
+                                  changes={"images": (f"{task_id}/0.png",)})
+
+
+def test_urls_come_from_the_gateway_not_the_host_header(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, api_base_path="/prod")
+    handler = make_handler(settings)
+    e = event("apigw_v1_post_task.json")
+    e["path"] = "/task"
+    e["headers"]["Host"] = "evil.example"
+    e["multiValueHeaders"]["Host"] = ["evil.example"]
+    answer = handler(e, Context())
+    assert answer["statusCode"] == 202
+    task_id = body_of(answer)["taskId"]
+    location = answer.get("headers", {}).get("location") or answer["multiValueHeaders"]["location"][0]
+    assert location == f"https://a1b2c3d4e5.execute-api.us-east-1.amazonaws.com/prod/tasks/{task_id}"
+    succeed(settings, task_id)
+    polled = get_event(task_id)
+    polled["headers"]["host"] = "evil.example"
+    images = body_of(handler(polled, Context()))["result"]["images"]
+    assert images == [f"https://f6g7h8i9j0.execute-api.us-east-1.amazonaws.com/results/{task_id}/0.png"]
+
+
+def test_a_named_http_api_stage_is_in_the_urls(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, api_base_path="/live")
+    handler = make_handler(settings)
+    e = post_event(event("apigw_v1_post_task.json")["body"], v2=True)
+    e["rawPath"] = e["requestContext"]["http"]["path"] = "/live/task"
+    e["requestContext"]["stage"] = "live"
+    answer = handler(e, Context())
+    assert answer["statusCode"] == 202, answer
+    location = answer["headers"]["location"]
+    assert location.startswith("https://f6g7h8i9j0.execute-api.us-east-1.amazonaws.com/live/tasks/")
+
+
+def test_public_url_wins_on_lambda(tmp_path: Path) -> None:
+    handler = make_handler(Settings(data_dir=tmp_path, public_url="https://sd.example"))
+    answer = handler(post_event(event("apigw_v1_post_task.json")["body"], v2=True), Context())
+    assert answer["headers"]["location"].startswith("https://sd.example/tasks/")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from typing import Any
 
 import pytest
@@ -88,6 +89,12 @@ def test_api_missing() -> None:
     ({"refiner_checkpoint": "refiner.safetensors"}, "payload.refiner_checkpoint"),
     ({"seed_resize_from_w": 100000}, "payload.seed_resize_from_w"),
     ({"seed": 2**32 - 1, "batch_size": 2}, "payload.seed"),
+    ({"firstpass_image": "https://169.254.169.254/x.png"}, "payload.firstpass_image"),
+    ({"hr_prompt": 5}, "payload.hr_prompt"),
+    ({"comments": {"a": 1}}, "payload.comments.a"),
+    ({"script_args": [1.0, float("nan")]}, "payload.script_args[1]"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": json.loads("[" * 33 + "1" + "]" * 33)}},
+     "payload.override_settings.CLIP_stop_at_last_layers" + "[0]" * 30),
 ])
 def test_txt2img_refusals(payload: dict[str, Any], field: str) -> None:
     refuse({"api": "/sdapi/v1/txt2img", "payload": payload}, field)
@@ -136,15 +143,84 @@ def test_server_fields_are_not_the_clients() -> None:
     assert "save_images" not in payload
 
 
-def test_unknown_webui_fields_pass_through() -> None:
-    _, payload = validate_request({"api": "/sdapi/v1/txt2img", "payload": {"s_churn": 0.5}}, Limits())
-    assert payload["s_churn"] == 0.5
+#: What webuiapi (sdwebuiapi) sends for ``api.txt2img(prompt=...)`` with its defaults: legacy fields included.
+WEBUIAPI_TXT2IMG: dict[str, Any] = {
+    "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "hr_resize_x": 0,
+    "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_prompt": "",
+    "hr_negative_prompt": "", "denoising_strength": 0.7, "firstphase_width": 0, "firstphase_height": 0,
+    "prompt": SEED_PROMPT, "styles": [], "seed": -1, "subseed": -1, "subseed_strength": 0.0,
+    "seed_resize_from_h": 0, "seed_resize_from_w": 0, "sampler_name": "Euler a", "sampler_index": "Euler a",
+    "batch_size": 1, "n_iter": 1, "steps": 30, "cfg_scale": 7.0, "width": 512, "height": 512,
+    "restore_faces": False, "tiling": False, "do_not_save_samples": False, "do_not_save_grid": False,
+    "negative_prompt": "", "eta": 1.0, "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1,
+    "override_settings": {}, "override_settings_restore_afterwards": True, "script_args": [], "script_name": None,
+    "send_images": True, "save_images": False, "alwayson_scripts": {},
+}
+
+
+def test_client_library_defaults_are_accepted() -> None:
+    _, payload = validate_request({"api": "/sdapi/v1/txt2img", "payload": WEBUIAPI_TXT2IMG}, Limits())
+    assert payload["s_churn"] == 0
+    assert payload["sampler_index"] == "Euler a"
+    assert payload["firstphase_width"] == 0
+    assert payload["steps"] == 30
+    assert "send_images" not in payload
+
+
+def test_client_library_img2img_defaults_are_accepted() -> None:
+    body = {key: value for key, value in WEBUIAPI_TXT2IMG.items()
+            if not key.startswith(("hr_", "firstphase_", "enable_hr"))}
+    body.update(init_images=[png_b64()], resize_mode=0, denoising_strength=0.75, image_cfg_scale=1.5,
+                mask_blur=4, inpainting_fill=0, inpaint_full_res=True, inpaint_full_res_padding=0,
+                inpainting_mask_invert=0, initial_noise_multiplier=1.0, include_init_images=False,
+                mask=png_b64())
+    api, payload = validate_request({"api": "/sdapi/v1/img2img", "payload": body}, Limits())
+    assert api is Api.IMG2IMG
+    assert payload["mask_blur"] == 4
+
+
+def test_unknown_fields_are_refused_with_a_hint() -> None:
+    error = refuse({"api": "/sdapi/v1/txt2img", "payload": {"step": 1}}, "payload.step")
+    assert "steps" in error.message
+    assert error.details["hint"] == "steps"
+    error = refuse({"api": "/sdapi/v1/txt2img", "payload": {"zzzzzz": 1}}, "payload.zzzzzz")
+    assert "did you mean" not in error.message
+    error = refuse({"api": "/sdapi/v1/img2img", "payload": {"init_images": [png_b64()], "enable_hr": True}},
+                   "payload.enable_hr")
+    assert "txt2img" in error.message
+
+
+@pytest.mark.parametrize("name", ["hr_prompt", "hr_negative_prompt", "negative_prompt", "infotext"])
+def test_every_prompt_like_field_is_bounded(name: str) -> None:
+    refuse({"api": "/sdapi/v1/txt2img", "payload": {name: "x" * 10_001}}, f"payload.{name}")
+
+
+def test_prompt_bounds_follow_the_limits() -> None:
+    refuse({"api": "/sdapi/v1/txt2img", "payload": {"styles": ["a", "x" * 101]}}, "payload.styles[1]",
+           Limits(max_prompt_chars=100))
+    refuse({"api": "/sdapi/v1/txt2img", "payload": {"comments": {"note": "x" * 101}}}, "payload.comments.note",
+           Limits(max_prompt_chars=100))
+    _, payload = validate_request({"api": "/sdapi/v1/txt2img", "payload": {"hr_prompt": "x" * 20_000}},
+                                  Limits(max_prompt_chars=20_000))
+    assert len(payload["hr_prompt"]) == 20_000
+
+
+def test_names_and_lists_are_bounded() -> None:
+    refuse({"api": "/sdapi/v1/txt2img", "payload": {"sampler_name": "x" * 201}}, "payload.sampler_name")
+    refuse({"api": "/sdapi/v1/txt2img", "payload": {"styles": ["a"] * 65}}, "payload.styles")
+
+
+def test_empty_script_fields_ask_for_nothing() -> None:
+    _, payload = validate_request({"api": "/sdapi/v1/txt2img", "payload": {
+        "script_name": None, "script_args": [], "alwayson_scripts": {}, "infotext": None}}, Limits())
+    assert payload["script_args"] == []
 
 
 def test_img2img_accepts_base64_and_data_urls() -> None:
     image = png_b64()
+    wrapped = "\n".join(image[i:i + 76] for i in range(0, len(image), 76))
     api, payload = validate_request({"api": "/sdapi/v1/img2img", "payload": {
-        "init_images": [image, "data:image/png;base64," + image]}}, Limits())
+        "init_images": [image, "data:image/png;base64," + image, wrapped]}}, Limits())
     assert api is Api.IMG2IMG
     assert payload["denoising_strength"] == 0.75
 
@@ -156,6 +232,14 @@ def test_img2img_accepts_base64_and_data_urls() -> None:
     ({"init_images": ["not base64!"]}, "payload.init_images[0]"),
     ({"init_images": [base64.b64encode(b"not an image").decode()]}, "payload.init_images[0]"),
     ({"init_images": [png_b64()], "mask": 5}, "payload.mask"),
+    ({"init_images": ["data:image/png;base64"]}, "payload.init_images[0]"),
+    ({"init_images": ["data:"]}, "payload.init_images[0]"),
+    ({"init_images": ["data:text/html,<b>"]}, "payload.init_images[0]"),
+    ({"init_images": ["=" * 7]}, "payload.init_images[0]"),
+    ({"init_images": ["\u00e9\u00e9\u00e9\u00e9"]}, "payload.init_images[0]"),
+    ({"init_images": [base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 40).decode()]}, "payload.init_images[0]"),
+    ({"init_images": [png_b64()] * 17}, "payload.init_images"),
+    ({"init_images": [png_b64()], "latent_mask": "https://example.invalid/x.png"}, "payload.latent_mask"),
 ])
 def test_img2img_refusals(payload: dict[str, Any], field: str) -> None:
     refuse({"api": "/sdapi/v1/img2img", "payload": payload}, field)

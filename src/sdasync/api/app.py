@@ -9,8 +9,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdasync import __version__
@@ -18,6 +22,7 @@ from sdasync.api.routes import router
 from sdasync.api.schemas import error_json
 from sdasync.config import Settings
 from sdasync.errors import RequestError, SdasyncError
+from sdasync.payloads import TaskRequest
 from sdasync.service import Backends, TaskService, open_backends
 
 log = logging.getLogger(__name__)
@@ -47,19 +52,30 @@ def create_app(settings: Settings | None = None, *, backends: Backends | None = 
     app.state.health_checks = dict(health_checks or {})
     app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     @app.exception_handler(SdasyncError)
     async def sdasync_error(_: Request, exc: SdasyncError) -> JSONResponse:
         if exc.http_status >= 500:
             log.warning("request failed: %s", exc, exc_info=exc.http_status == 500)
+            # A backend's message names files, buckets and hosts: the log has it, the client gets the code.
+            message = SERVER_MESSAGES.get(exc.code, "the server failed; the server log has the details")
+            return JSONResponse(error_json(exc.code, message), status_code=exc.http_status)
         field = exc.field if isinstance(exc, RequestError) else None
         return JSONResponse(error_json(exc.code, exc.message, field), status_code=exc.http_status)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _: ClientDisconnect) -> Response:
+        # Nobody is left to answer: a client's own doing, not a server error worth a traceback.
+        log.info("client disconnected before sending the whole request: %s %s", request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-        field = ".".join(loc) or None
+        field = ".".join(loc)[:200] or None
+        # pydantic's own message only: its "input" would echo the client's value, however long.
         message = f"{field}: {first.get('msg', 'invalid')}" if field else str(first.get("msg", "invalid request"))
         return JSONResponse(error_json("invalid_request", message, field), status_code=422)
 
@@ -75,6 +91,26 @@ def create_app(settings: Settings | None = None, *, backends: Backends | None = 
         return JSONResponse(error_json("internal_error", "internal error; the server log has the details"), 500)
 
     return app
+
+
+SERVER_MESSAGES = {
+    "backend_unavailable": "a backend (queue, task store or blob store) is unavailable; try again later",
+    "backend_refused": "a backend refused the request; the server log has the details",
+}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the request body's models, which the route reads itself (for its 415 and its
+    errors naming fields) and so does not declare as a parameter."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        body = TypeAdapter(TaskRequest).json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(body.pop("$defs", {}))
+        components["TaskRequest"] = {**body, "examples": [
+            {"api": "/sdapi/v1/txt2img", "payload": {"prompt": "a lighthouse at dusk", "steps": 20}}]}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class BodyLimit:

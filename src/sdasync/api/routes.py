@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Annotated, Any
 
@@ -10,24 +11,30 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from sdasync.api.schemas import (
-    ErrorResponse,
-    SubmitResponse,
-    TaskListResponse,
-    TaskRequest,
-    TaskResponse,
-    task_json,
-)
-from sdasync.errors import BlobNotFound, RequestError, SdasyncError
+from sdasync.api.hosts import base_url
+from sdasync.api.schemas import ErrorResponse, SubmitResponse, TaskListResponse, TaskResponse, health_json, task_json
+from sdasync.errors import BlobNotFound, RequestError, SdasyncError, TaskNotFound, UnsupportedMediaType
 from sdasync.models import TaskStatus
 from sdasync.service import TaskService
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 503)
-}
-RESULT_KEY = re.compile(r"[A-Za-z0-9_-]+/[0-9]+\.png")
+
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+ERROR_DESCRIPTIONS = {400: "bad request", 404: "no such task or result", 409: "the task is already finished",
+                      413: "the body is over the size cap", 415: "the body is not application/json (UTF-8)",
+                      422: "a field is refused; error.field names it", 503: "a backend is unavailable"}
+#: What a task id is (``models.new_task_id``): anything else is a 404 decided here, before any backend sees it.
+TASK_ID_FORMAT = re.compile(r"[0-9a-f]{32}", re.ASCII)
+RESULT_KEY = re.compile(r"[0-9a-f]{32}/[0-9]{1,4}\.png", re.ASCII)
+#: Bodies larger than this are parsed in a worker thread: a 20 MB JSON document holds the event loop for a while.
+INLINE_PARSE_MAX = 64 * 1024
 TASK_ID = Query(alias="taskId", description="the id POST /task returned")
 
 
@@ -36,102 +43,132 @@ def _service(request: Request) -> TaskService:
     return service
 
 
-def _base_url(request: Request) -> str:
-    public: str | None = request.app.state.settings.public_url
-    return public or str(request.base_url)
+def _task_id(task_id: str) -> str:
+    if not TASK_ID_FORMAT.fullmatch(task_id):
+        shown = task_id[:40] + "..." if len(task_id) > 40 else task_id
+        raise TaskNotFound(f"no task {shown!r}")
+    return task_id
 
 
 def _task_response(request: Request, task_id: str) -> dict[str, Any]:
     service = _service(request)
-    return task_json(service.get(task_id), service.blobs, _base_url(request))
+    return task_json(service.get(_task_id(task_id)), service.blobs, base_url(request))
 
 
-@router.post("/task", status_code=202, response_model=SubmitResponse, responses=ERRORS, tags=["tasks"],
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": TaskRequest.model_json_schema()}}}})
-async def submit_task(request: Request, response: Response) -> dict[str, str]:
-    """Queue a txt2img or img2img request; answers at once with the task id to poll."""
-    raw = await request.body()
+def _check_media_type(request: Request) -> None:
+    """Only ``application/json`` in UTF-8: a web page can POST text/plain or a form to any origin without a
+    preflight, and that must never queue GPU work (CSRF through a simple request)."""
+    media_type, _, params = request.headers.get("content-type", "").partition(";")
+    charset = "utf-8"
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+    if media_type.strip().lower() != "application/json" or charset not in {"utf-8", "utf8"}:
+        raise UnsupportedMediaType("POST /task takes a JSON body: Content-Type: application/json (UTF-8)",
+                                   field="content-type")
+
+
+def _parse(raw: bytes) -> Any:
     try:
-        body = json.loads(raw)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"the request body is not UTF-8 (byte {exc.start})", field="body") from None
+    try:
+        return json.loads(text)
     except (ValueError, RecursionError) as exc:
-        # ValueError covers JSONDecodeError, bad UTF-8 and integers past Python's digit limit.
-        raise RequestError(f"the request body is not valid JSON: {exc}", field="body") from None
+        # ValueError covers JSONDecodeError and integers past Python's digit limit.
+        message = str(exc) if isinstance(exc, json.JSONDecodeError) else "too deeply nested, or a number too long"
+        raise RequestError(f"the request body is not valid JSON: {message}", field="body") from None
+
+
+@router.post("/task", status_code=202, response_model=SubmitResponse, responses=_errors(413, 415, 422, 503),
+             tags=["tasks"], openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"$ref": "#/components/schemas/TaskRequest"}}}}})
+async def submit_task(request: Request, response: Response) -> dict[str, str]:
+    """Queue a txt2img or img2img request; answers at once with the task id to poll (also at ``Location``)."""
+    _check_media_type(request)
+    raw = await request.body()
+    body = await run_in_threadpool(_parse, raw) if len(raw) > INLINE_PARSE_MAX else _parse(raw)
     task = await run_in_threadpool(_service(request).submit, body)
-    response.headers["Location"] = f"/tasks/{task.task_id}"
+    response.headers["Location"] = f"{base_url(request)}tasks/{task.task_id}"
     return {"taskId": task.task_id, "status": task.status.value}
 
 
 router.add_api_route("/tasks", submit_task, methods=["POST"], status_code=202, response_model=SubmitResponse,
-                     responses=ERRORS, tags=["tasks"], include_in_schema=False)
+                     responses=_errors(413, 415, 422, 503), tags=["tasks"], include_in_schema=False)
 
 
-@router.get("/task", response_model=TaskResponse, responses=ERRORS, tags=["tasks"])
+@router.get("/task", response_model=TaskResponse, responses=_errors(404, 422, 503), tags=["tasks"])
 def get_task_by_query(request: Request, task_id: Annotated[str, TASK_ID]) -> dict[str, Any]:
     """The task's status, progress, image URLs and generation info (the original API's form)."""
     return _task_response(request, task_id)
 
 
-@router.get("/tasks/{task_id}", response_model=TaskResponse, responses=ERRORS, tags=["tasks"])
+@router.get("/tasks/{task_id}", response_model=TaskResponse, responses=_errors(404, 503), tags=["tasks"])
 def get_task(request: Request, task_id: str) -> dict[str, Any]:
     """The task's status, progress, image URLs and generation info."""
     return _task_response(request, task_id)
 
 
-@router.get("/tasks", response_model=TaskListResponse, responses=ERRORS, tags=["tasks"])
+@router.get("/tasks", response_model=TaskListResponse, responses=_errors(422, 503), tags=["tasks"])
 def list_tasks(request: Request, status: TaskStatus | None = None,
-               limit: Annotated[int, Query(ge=1, le=1000)] = 20, cursor: str | None = None) -> dict[str, Any]:
+               limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+               cursor: Annotated[str | None, Query(max_length=4096)] = None) -> dict[str, Any]:
     """Tasks newest first; pass ``nextCursor`` back as ``cursor`` for the next page."""
     service = _service(request)
     page = service.list(status=status, limit=limit, cursor=cursor)
-    base = _base_url(request)
+    base = base_url(request)
     return {"tasks": [task_json(t, service.blobs, base) for t in page.tasks], "nextCursor": page.next_cursor}
 
 
 def _cancel(request: Request, task_id: str) -> dict[str, Any]:
     service = _service(request)
-    return task_json(service.cancel(task_id), service.blobs, _base_url(request))
+    return task_json(service.cancel(_task_id(task_id)), service.blobs, base_url(request))
 
 
-@router.delete("/tasks/{task_id}", response_model=TaskResponse, responses=ERRORS, tags=["tasks"])
+@router.delete("/tasks/{task_id}", response_model=TaskResponse, responses=_errors(404, 409, 503), tags=["tasks"])
 def cancel_task(request: Request, task_id: str) -> dict[str, Any]:
     """Cancel a queued or running task. A finished task answers 409."""
     return _cancel(request, task_id)
 
 
-@router.delete("/task", response_model=TaskResponse, responses=ERRORS, tags=["tasks"])
+@router.delete("/task", response_model=TaskResponse, responses=_errors(404, 409, 422, 503), tags=["tasks"])
 def cancel_task_by_query(request: Request, task_id: Annotated[str, TASK_ID]) -> dict[str, Any]:
     """Cancel a queued or running task (query-string form)."""
     return _cancel(request, task_id)
 
 
-@router.get("/healthz", tags=["operations"])
+@router.get("/healthz", tags=["operations"], responses={503: {"description": "a backend or the engine is down"}})
 def healthz(request: Request) -> JSONResponse:
-    """Each backend's and the engine's state; 503 when any is down."""
-    report: dict[str, Any] = _service(request).health()
+    """Each backend's state, the workers' engines as their registry records say, and the process's own sections
+    (serve's worker processes, its scaler); 503 when a backend is down, or workers run but none's engine is
+    ready."""
+    checks: dict[str, dict[str, Any]] = {}
     for name, check in request.app.state.health_checks.items():
         try:
-            report[name] = check()
+            checks[name] = check()
         except Exception as exc:  # a health report must describe every failure, not raise it
-            report[name] = {"ok": False, "detail": str(exc)}
-    ok = all(part.get("ok", False) for part in report.values() if isinstance(part, dict))
-    return JSONResponse({"ok": ok, **report}, status_code=200 if ok else 503)
+            log.warning("health: %s failed: %s", name, exc)
+            checks[name] = {"ok": False, "detail": "unexpected_error"}
+    ok, body = health_json(_service(request).health(), checks)
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/results/{key:path}", tags=["results"], responses={404: {"model": ErrorResponse}},
-            response_class=Response)
+@router.get("/results/{key:path}", tags=["results"], response_class=Response, responses={
+    200: {"content": {"image/png": {}}, "description": "the PNG"}, **_errors(404, 503)})
 def get_result(request: Request, key: str) -> Response:
     """Result images, when the blob store is local files served by the API (embedded mode)."""
     blobs = _service(request).blobs
     if "served_by_api" not in blobs.capabilities:
         raise BlobNotFound("results are served by the blob store, not by the API")
     if not RESULT_KEY.fullmatch(key):
-        # The blob store also keeps large request payloads; only result images are public.
-        raise BlobNotFound(f"no result {key!r}")
+        # Only result images are public; this also refuses the payloads that older versions kept here.
+        raise BlobNotFound("no such result")
     try:
         data = blobs.get(key)
     except RequestError:
-        raise BlobNotFound(f"no result {key!r}") from None
+        raise BlobNotFound("no such result") from None
     except SdasyncError:
         raise
     # Keys are deterministic per task and image index and never rewritten once a task succeeded.
