@@ -7,7 +7,6 @@ URL's ``region`` parameter overrides the region. ``AWS_ENDPOINT_URL`` (and the p
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -41,10 +40,10 @@ def aws_client(service: str, *, region: str | None = None, connect_timeout_s: fl
                **config: Any) -> Any:
     """A boto3 client. ``read_timeout_s`` must exceed any long-poll wait (SQS waits up to 20 s).
 
-    Retries use botocore's ``standard`` mode (or ``AWS_RETRY_MODE``, e.g. ``adaptive``), which backs off with
-    jitter on throttling and transient errors before sdasync ever sees them. ``config`` adds botocore Config
+    Retries use botocore's ``standard`` mode unless ``retry_mode`` says otherwise (``adaptive``), which backs off
+    with jitter on throttling and transient errors before sdasync ever sees them. ``config`` adds botocore Config
     options (S3's ``signature_version``, say)."""
-    retries: Any = {"mode": retry_mode or os.environ.get("AWS_RETRY_MODE", "standard"), "max_attempts": max_attempts}
+    retries: Any = {"mode": retry_mode or "standard", "max_attempts": max_attempts}
     botocore_config = Config(
         connect_timeout=connect_timeout_s,
         read_timeout=read_timeout_s,

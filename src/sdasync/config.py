@@ -1,87 +1,196 @@
-"""One Settings object, built only at entry points (CLI, Lambda handler) and passed down.
+"""One Settings object, built only at entry points (the CLI, the Lambda handlers) and passed down.
 
 Every setting can come from a command-line option or from an environment variable named after it:
-``--visibility-timeout`` <-> ``SDASYNC_VISIBILITY_TIMEOUT``. Options win over the environment.
+``--visibility-timeout`` <-> ``SDASYNC_VISIBILITY_TIMEOUT``. Options win over the environment, the environment
+over a command's own defaults (``serve --autoscale`` sizes a local fleet differently from ``sdasync scaler``), and
+those over the defaults below, which are the only ones. ``settings_from`` is the one place the environment is
+read; ``Settings(...)`` itself reads nothing, so code and tests that build one get exactly what they pass.
+pydantic-settings parses the variables, and pydantic's rules are the one way booleans are spelled
+(``1/0``, ``true/false``, ``yes/no``, ``on/off``).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
+from urllib.parse import parse_qsl, urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 from sdasync.errors import ConfigError
+from sdasync.scaler.types import PolicyConfig
 from sdasync.urls import url_for_path
 
 ENV_PREFIX = "SDASYNC_"
 
 
-@dataclass(frozen=True)
-class Limits:
+def _comma_set(value: object) -> object:
+    if isinstance(value, str):
+        return frozenset(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+CommaSet = Annotated[frozenset[str], NoDecode]
+
+
+class _Section(BaseSettings):
+    """A group of settings. Reads nothing by itself: ``settings_from`` hands it the environment it was given."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", case_sensitive=False)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+class Limits(_Section):
     """What a request may ask for. Everything beyond is refused with a 4xx naming the field."""
 
-    max_width: int = 2048
-    max_height: int = 2048
+    max_width: int = Field(default=2048, ge=64)
+    max_height: int = Field(default=2048, ge=64)
     #: width x height x images of one task: 8 images of 1024x1024, or 2 of 2048x2048.
-    max_total_pixels: int = 8 * 1024 * 1024
-    min_steps: int = 1
-    max_steps: int = 150
+    max_total_pixels: int = Field(default=8 * 1024 * 1024, ge=1)
+    min_steps: int = Field(default=1, ge=1)
+    max_steps: int = Field(default=150, ge=1)
     #: batch_size x n_iter
-    max_images: int = 8
-    max_prompt_chars: int = 10_000
-    max_body_bytes: int = 20 * 1024 * 1024
+    max_images: int = Field(default=8, ge=1)
+    max_prompt_chars: int = Field(default=10_000, ge=1)
+    max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     allow_scripts: bool = False
-    override_settings_allowlist: frozenset[str] = frozenset({"CLIP_stop_at_last_layers"})
+    override_settings_allowlist: CommaSet = frozenset({"CLIP_stop_at_last_layers"})
+
+    _split = field_validator("override_settings_allowlist", mode="before")(_comma_set)
 
 
-@dataclass(frozen=True)
-class Settings:
+_POLICY = PolicyConfig()
+
+
+class ScalerSettings(_Section):
+    """How ``sdasync scaler``, its Lambda and ``serve --autoscale`` size a fleet to the queue. The defaults are the
+    policy's own (scaler/types.py), so the two never disagree."""
+
+    #: What the scaler resizes: ``spotfleet://<id>``, ``asg://<group>``, ``local://?max=N``.
+    fleet: str | None = None
+    min_workers: int = Field(default=_POLICY.min_workers, ge=0)
+    max_workers: int = Field(default=_POLICY.max_workers, ge=1)
+    #: Queued + running tasks per worker before another starts.
+    backlog_per_worker: int = Field(default=_POLICY.backlog_per_worker, ge=1)
+    #: Seconds without work before idle workers go (busy ones never do).
+    scale_in_cooldown: float = Field(default=_POLICY.scale_in_cooldown_s, ge=0)
+    #: Seconds between decisions.
+    scale_interval: float = Field(default=30.0, gt=0)
+    #: Seconds a task should wait at most.
+    target_wait: float = Field(default=_POLICY.target_wait_s, gt=0)
+    #: Mean seconds per task, if known: sizes the fleet for the wait target.
+    service_time: float | None = Field(default=_POLICY.service_time_s, gt=0)
+    #: Seconds from launch to a ready worker.
+    boot_time: float = Field(default=_POLICY.boot_time_s, ge=0)
+    #: Most workers added per decision.
+    max_scale_out_step: int | None = Field(default=_POLICY.max_scale_out_step, ge=1)
+
+    def policy(self, *, min_workers: int | None = None) -> PolicyConfig:
+        if self.min_workers > self.max_workers:
+            raise ConfigError(f"need min_workers <= max_workers, got {self.min_workers} > {self.max_workers}")
+        return PolicyConfig(min_workers=self.min_workers if min_workers is None else min_workers,
+                            max_workers=self.max_workers, backlog_per_worker=self.backlog_per_worker,
+                            scale_in_cooldown_s=self.scale_in_cooldown, target_wait_s=self.target_wait,
+                            service_time_s=self.service_time, max_scale_out_step=self.max_scale_out_step,
+                            boot_time_s=self.boot_time)
+
+
+#: ``serve --autoscale`` runs workers on this machine: one at first, and it decides quickly.
+LOCAL_SCALER_DEFAULTS: Mapping[str, object] = {"max_workers": 1, "backlog_per_worker": 1, "scale_interval": 2.0}
+
+
+class Settings(_Section):
+    # -- where things are
     data_dir: Path = Path("data")
     queue: str | None = None
     store: str | None = None
     blobs: str | None = None
-    engine: str = "diffusers://tiny"
-    host: str = "127.0.0.1"
-    port: int = 8080
-    #: The API's public address, when it differs from what requests show (a proxy in front); else taken from the
-    #: request.
-    public_url: str | None = None
-    visibility_timeout: float = 60.0
-    max_attempts: int = 3
-    #: Payloads larger than this many JSON bytes are kept in the payload store, not in the task record.
-    inline_payload_max: int = 64 * 1024
     #: Where large request payloads live: never under the results, which a CDN may serve. Default: a sibling of
     #: the results (``file:///<data-dir>/requests``; for ``s3://bucket/prefix``, ``s3://bucket/requests``).
     payloads: str | None = None
+    engine: str = "diffusers://tiny"
+    #: Where the diffusers engine caches converted models; None: ``~/.cache``.
+    cache_dir: Path | None = None
+    log_level: str = "INFO"
+    # -- tasks
+    visibility_timeout: float = Field(default=60.0, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
+    #: Payloads larger than this many JSON bytes are kept in the payload store, not in the task record (a
+    #: DynamoDB item holds 400 KB).
+    inline_payload_max: int = Field(default=64 * 1024, ge=1024, le=256 * 1024)
     #: Tasks, their stored payloads and their images are deleted this many days after they finish.
-    retention_days: float = 30.0
+    retention_days: float = Field(default=30.0, gt=0)
     #: A task still ``queued`` this many seconds after its last change has its message sent again.
-    requeue_after: float = 3600.0
+    requeue_after: float = Field(default=3600.0, gt=0)
     #: Seconds between two runs of the sweeper and the janitor inside ``serve`` / ``api`` (0 turns them off).
-    sweep_interval: float = 60.0
-    #: After SIGTERM, seconds a worker's current task may still run before it is handed back.
-    drain_timeout: float = 90.0
+    sweep_interval: float = Field(default=60.0, ge=0)
+    # -- the HTTP API
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    #: The API's public address, when it differs from what requests show (a proxy in front).
+    public_url: str | None = None
     #: Host names image URLs may be built from (the request's Host header). None: the bind address, localhost,
     #: 127.0.0.1 and ::1, and the host of ``public_url``.
-    trusted_hosts: frozenset[str] | None = None
+    trusted_hosts: CommaSet | None = None
     #: Seconds a client may take to send its request headers, and its body.
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
+    header_timeout: float = Field(default=10.0, gt=0)
+    body_timeout: float = Field(default=30.0, gt=0)
     #: Connections still sending their request, beyond which new connections are refused.
-    max_incomplete_requests: int = 64
-    #: Instance metadata (IMDSv2) base URL, for spot notices and the instance id; None: EC2's own address.
+    max_incomplete_requests: int = Field(default=64, ge=1)
+    #: The API Gateway stage or base path the Lambda handler strips from paths.
+    api_base_path: str = "/"
+    # -- serve
+    #: Worker processes beside the API.
+    workers: int = Field(default=1, ge=0)
+    #: Start with no workers and grow to ``max_workers`` with the queue, back to zero when it drains.
+    autoscale: bool = False
+    # -- workers
+    #: After SIGTERM, seconds a worker's current task may still run before it is handed back.
+    drain_timeout: float = Field(default=90.0, ge=0)
+    #: Seconds a generation may take before it is interrupted and retried; None derives it from the request.
+    generation_timeout: float | None = Field(default=None, gt=0)
+    #: Exit when the queue is empty / after this many tasks / after this many idle seconds.
+    burst: bool = False
+    max_tasks: int | None = Field(default=None, ge=1)
+    max_idle: float | None = Field(default=None, ge=0)
+    #: Poll instance metadata for spot interruption and rebalance notices, and drain on one.
+    watch_spot: bool = False
+    #: Auto Scaling group whose scale-in protection a busy worker holds for its instance.
+    asg_protect: str | None = None
+    #: Instance metadata (IMDSv2) base URL; None: EC2's own address.
     imds_url: str | None = None
     #: This machine's EC2 instance id, when known without asking IMDS.
     instance_id: str | None = None
-    #: Fault injection for the fault suite: ``point:probability,...`` (see worker/faults.py) and its seed.
+    #: Fault injection for the fault suite (see worker/faults.py) and its seed.
     faults: str = ""
     fault_errors: str = ""
     fault_seed: str = ""
-    #: The API Gateway stage or base path the Lambda handler strips from paths.
-    api_base_path: str = "/"
-    limits: Limits = field(default_factory=Limits)
+    # -- the client commands (submit, status, cancel)
+    api_url: str = "http://127.0.0.1:8080"
+    #: Seconds ``submit --wait`` waits for a task.
+    wait_timeout: float = Field(default=600.0, gt=0)
+    # -- sections
+    limits: Limits = Field(default_factory=lambda: Limits())
+    scaler: ScalerSettings = Field(default_factory=lambda: ScalerSettings())
+
+    SECTIONS: ClassVar[Mapping[str, type[_Section]]] = {"limits": Limits, "scaler": ScalerSettings}
+
+    _split = field_validator("trusted_hosts", mode="before")(_comma_set)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @property
     def queue_url(self) -> str:
@@ -101,76 +210,61 @@ class Settings:
             return self.payloads
         blobs = self.blobs_url
         if blobs.startswith("s3://"):
-            from urllib.parse import urlsplit
-
-            return f"s3://{urlsplit(blobs).netloc}/requests"
+            # Same bucket and region, outside the results prefix; a CDN in front of the results never serves it.
+            region = dict(parse_qsl(urlsplit(blobs).query)).get("region")
+            return f"s3://{urlsplit(blobs).netloc}/requests" + (f"?region={region}" if region else "")
         return url_for_path("file", self.data_dir / "requests")
 
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
 
-
-def _convert(name: str, raw: str, kind: type[Any]) -> Any:
-    try:
-        if kind is bool:
-            lowered = raw.strip().lower()
-            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
-                raise ValueError(raw)
-            return lowered in {"1", "true", "yes", "on"}
-        if kind is frozenset:
-            return frozenset(part.strip() for part in raw.split(",") if part.strip())
-        return kind(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+    @property
+    def retention_s(self) -> float:
+        return self.retention_days * 86400.0
 
 
-_TYPES: dict[str, type[Any]] = {
-    "data_dir": Path, "queue": str, "store": str, "blobs": str, "engine": str, "host": str, "port": int,
-    "public_url": str, "visibility_timeout": float, "max_attempts": int, "inline_payload_max": int,
-}
+class _MappingEnv(EnvSettingsSource):
+    """pydantic-settings' environment source over a mapping we are given, not the process's own environment."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls, case_sensitive=False, env_prefix=ENV_PREFIX, env_ignore_empty=True)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, False, True, None)
 
 
-def env_value(name: str, environ: Mapping[str, str] | None = None) -> str | None:
-    env = os.environ if environ is None else environ
-    return env.get(ENV_PREFIX + name.upper())
-
-
-def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
-    """Build Settings from parsed options (None = not given), falling back to SDASYNC_* variables, then defaults."""
-    values: dict[str, Any] = {}
-    for f in fields(Settings):
-        if f.name == "limits":
-            continue
-        values_from = options.get(f.name)
-        if values_from is None:
-            raw = env_value(f.name, environ)
-            values_from = None if raw is None else _convert(f.name, raw, _TYPES[f.name])
-        if values_from is not None:
-            values[f.name] = values_from
-    limit_values: dict[str, Any] = {}
-    for f in fields(Limits):
-        given = options.get(f.name)
-        if given is None:
-            raw = env_value(f.name, environ)
-            kind = frozenset if f.name == "override_settings_allowlist" else type(getattr(Limits(), f.name))
-            given = None if raw is None else _convert(f.name, raw, kind)
-        if given is not None:
-            limit_values[f.name] = given
-    settings = Settings(**values, limits=Limits(**limit_values))
-    _check(settings)
+def settings_from(options: Mapping[str, Any], environ: Mapping[str, str], *,
+                  defaults: Mapping[str, object] | None = None) -> Settings:
+    """Build Settings from parsed options (None = not given), then ``environ``'s SDASYNC_* variables, then a
+    command's ``defaults``, then the field defaults. Keys that name no setting (a command's own arguments) are
+    ignored. Raises ConfigError naming the option or variable at fault."""
+    given = {k: v for k, v in options.items() if v is not None}
+    base = dict(defaults or {})
+    sections: dict[str, _Section] = {}
+    for name, section in Settings.SECTIONS.items():
+        sections[name] = _build(section, given, environ, base)
+    settings = _build(Settings, given, environ, base, **sections)
+    assert isinstance(settings, Settings)
     return settings
 
 
-def _check(settings: Settings) -> None:
-    if settings.max_attempts < 1:
-        raise ConfigError("max_attempts must be at least 1")
-    if not 1024 <= settings.inline_payload_max <= 256 * 1024:
-        raise ConfigError("inline_payload_max must be between 1024 and 262144 bytes (a DynamoDB item holds 400 KB)")
-    if settings.visibility_timeout < 1:
-        raise ConfigError("visibility_timeout must be at least 1 second")
-    lim = settings.limits
-    for name in ("max_width", "max_height", "max_total_pixels", "max_steps", "max_images", "max_prompt_chars",
-                 "max_body_bytes"):
-        if getattr(lim, name) < 1:
-            raise ConfigError(f"{name} must be positive")
+def _build(model: type[_Section], given: Mapping[str, object], environ: Mapping[str, str],
+           defaults: Mapping[str, object], **fixed: object) -> _Section:
+    names = set(model.model_fields) - set(fixed)
+    from_env = {k: v for k, v in _MappingEnv(model, environ)().items() if k in names}
+    values = {**{k: v for k, v in defaults.items() if k in names}, **from_env,
+              **{k: v for k, v in given.items() if k in names}, **fixed}
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else "?"
+        if name in given:
+            source = f"--{name.replace('_', '-')} {given[name]!r}"
+        elif name in from_env:
+            source = f"{ENV_PREFIX}{name.upper()}={from_env[name]!r}"
+        else:
+            source = name
+        raise ConfigError(f"{source}: {error['msg']} ({name})") from None

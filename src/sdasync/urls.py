@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from pydantic import TypeAdapter, ValidationError
+
 from sdasync.errors import ConfigError
 
 
@@ -31,16 +33,19 @@ def url_for_path(scheme: str, path: Path | str) -> str:
     return f"{scheme}:///{Path(path).as_posix()}"
 
 
-def _as_bool(value: str) -> bool:
-    lowered = value.lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"not a boolean: {value!r}")
+_BOOL = TypeAdapter(bool)
 
 
-CONVERTERS: dict[type[Any], Callable[[str], Any]] = {int: int, float: float, str: str, bool: _as_bool}
+def parse_bool(raw: str) -> bool:
+    """The one boolean parser, pydantic's, which also parses the settings: ``1/0``, ``true/false``, ``yes/no``,
+    ``on/off`` in any case. Raises ValueError."""
+    try:
+        return _BOOL.validate_python(raw.strip())
+    except ValidationError:
+        raise ValueError(f"not a boolean: {raw!r} (use true/false, 1/0, yes/no, on/off)") from None
+
+
+CONVERTERS: dict[type[Any], Callable[[str], Any]] = {int: int, float: float, str: str, bool: parse_bool}
 
 
 def query_params(url: str, allowed: Mapping[str, type[Any]]) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """The scaler as an AWS Lambda function: one decision per invocation, on an EventBridge schedule
 (``rate(1 minute)``).
 
-Settings come from the environment: ``SDASYNC_QUEUE`` (``sqs://…``), ``SDASYNC_FLEET`` (``spotfleet://…`` or
-``asg://…``), ``SDASYNC_MIN_WORKERS`` (default 0), ``SDASYNC_MAX_WORKERS`` (10), ``SDASYNC_BACKLOG_PER_WORKER``
-(5), ``SDASYNC_SCALE_IN_COOLDOWN`` (seconds, 60), ``SDASYNC_BOOT_TIME`` (seconds, 0), ``SDASYNC_TARGET_WAIT``
-(seconds, 300), ``SDASYNC_SERVICE_TIME`` (seconds, unset), ``SDASYNC_MAX_SCALE_OUT_STEP`` (unset).
+Settings come from the environment, read into the same Settings as ``sdasync scaler`` and under the same names:
+``SDASYNC_QUEUE`` (``sqs://…``), ``SDASYNC_FLEET`` (``spotfleet://…`` or ``asg://…``), ``SDASYNC_MIN_WORKERS``
+(default 0), ``SDASYNC_MAX_WORKERS`` (10), ``SDASYNC_BACKLOG_PER_WORKER`` (5), ``SDASYNC_SCALE_IN_COOLDOWN``
+(seconds, 60), ``SDASYNC_BOOT_TIME`` (seconds, 0), ``SDASYNC_TARGET_WAIT`` (seconds, 300), ``SDASYNC_SERVICE_TIME``
+(seconds, unset), ``SDASYNC_MAX_SCALE_OUT_STEP`` (unset).
 
 State between invocations: the loop (queue, fleet and PolicyState) lives at module level, so a warm container
 carries the policy's memory from one minute to the next. A cold start has none and rebuilds it from the
@@ -18,9 +19,11 @@ The decision is logged as an Embedded Metric Format line, which CloudWatch turns
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from sdasync.backends.registry import open_fleet, open_queue
+from sdasync.config import settings_from
 from sdasync.errors import ConfigError
 from sdasync.scaler.loop import ScalerLoop
 from sdasync.scaler.types import PolicyConfig
@@ -28,33 +31,17 @@ from sdasync.scaler.types import PolicyConfig
 _loop: ScalerLoop | None = None
 
 
-def _number(name: str, default: float | None, kind: type[int] | type[float] = int) -> Any:
-    raw = os.environ.get(f"SDASYNC_{name}")
-    if raw is None or raw == "":
-        return default
-    try:
-        return kind(raw)
-    except ValueError as exc:
-        raise ConfigError(f"SDASYNC_{name}={raw!r} is not a number") from exc
-
-
-def config_from_env() -> PolicyConfig:
-    return PolicyConfig(min_workers=_number("MIN_WORKERS", 0), max_workers=_number("MAX_WORKERS", 10),
-                        backlog_per_worker=_number("BACKLOG_PER_WORKER", 5),
-                        scale_in_cooldown_s=_number("SCALE_IN_COOLDOWN", 60.0, float),
-                        boot_time_s=_number("BOOT_TIME", 0.0, float),
-                        target_wait_s=_number("TARGET_WAIT", 300.0, float),
-                        service_time_s=_number("SERVICE_TIME", None, float),
-                        max_scale_out_step=_number("MAX_SCALE_OUT_STEP", None))
+def config_from_env(environ: Mapping[str, str] | None = None) -> PolicyConfig:
+    return settings_from({}, os.environ if environ is None else environ).scaler.policy()
 
 
 def _open_loop() -> ScalerLoop:
-    queue_url, fleet_url = os.environ.get("SDASYNC_QUEUE"), os.environ.get("SDASYNC_FLEET")
-    if not queue_url or not fleet_url:
+    settings = settings_from({}, os.environ)
+    if not settings.queue or not settings.scaler.fleet:
         raise ConfigError("set SDASYNC_QUEUE and SDASYNC_FLEET")
-    queue = open_queue(queue_url).__enter__()
-    fleet = open_fleet(fleet_url).__enter__()
-    return ScalerLoop(queue, fleet, config_from_env(), name=fleet_url)
+    queue = open_queue(settings.queue).__enter__()
+    fleet = open_fleet(settings.scaler.fleet).__enter__()
+    return ScalerLoop(queue, fleet, settings.scaler.policy(), name=settings.scaler.fleet)
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
