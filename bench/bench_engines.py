@@ -63,7 +63,7 @@ def main() -> None:
         report("tiny: build + save (first start)", [timed(tiny.ensure, models_dir)])
         engine = DiffusersEngine.from_url("diffusers://tiny", models_dir=models_dir)
         report("tiny: load (engine.setup, folder exists)", [timed(engine.setup)])
-        print(f"tiny: device {engine.health()['device']}")
+        print(f"tiny: device {engine.health().extra.get('device')}")
         for size, steps in ((512, 20), (64, 20), (64, 4)):
             engine.generate(request(size, size, steps, 0))  # warm-up: first-call allocations, kernel selection
             reqs = [request(size, size, steps, seed) for seed in range(1, args.repeat + 1)]

@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from sdasync.api.app import create_app
-from sdasync.backends.registry import open_backend
+from sdasync.backends.registry import open_engine
 from sdasync.config import Settings
 from sdasync.models import TaskStatus
 from sdasync.service import open_backends
@@ -38,9 +38,9 @@ def main() -> None:
                 response = client.post("/task", json=BODY)
                 latencies.append(time.perf_counter() - start)
                 assert response.status_code == 202
-        with open_backends(settings) as backends, open_backend("engine", "fake://") as engine:
-            worker = Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, engine=engine,
-                            config=WorkerConfig(wait_s=0))
+        with open_backends(settings) as backends, open_engine("fake://") as engine:
+            worker = Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs,
+                            payloads=backends.payloads, engine=engine, config=WorkerConfig(wait_s=0))
             engine.setup()
             start = time.perf_counter()
             handled = worker.run(burst=True)
