@@ -4,16 +4,17 @@ One pass is ``purge(backends, retention_s=...)``; ``maintenance.Maintenance`` ru
 ``serve`` / ``api``. Only terminal tasks (succeeded, failed, cancelled) whose last change is older than the
 retention go; a queued or running task is never touched, however old.
 
-Order per task: its image blobs and its stored payload first, the task record last. A blob delete that fails
-leaves the task in place for the next pass, so a task never points at images that are gone; a crash between
-the two leaves a task whose blobs are already deleted, which the next pass deletes again (deleting a missing
-blob is not an error).
+Order per task: the task record first, by a conditional delete (still terminal, still unchanged since the
+cutoff), then its image blobs and its stored payload. So a task an operator redrove meanwhile keeps everything,
+and a task never points at images that are gone; a blob whose delete fails (or a crash between the two) is left
+behind, and the sweep of unreferenced files below, or the S3 lifecycle rule, removes it later.
 
 What expires by itself is left alone: a task store with the ``expires`` capability (DynamoDB with TTL) deletes
 its tasks, a blob store with ``expires`` (S3 with a lifecycle rule) its blobs. File blob stores also get a sweep by
-age (``FileBlobStore.expire``) for blobs no task refers to any more, such as the payload of a submit whose
-message could not be sent; it runs past the retention plus a margin, so nothing a live task still needs is old
-enough.
+age (``FileBlobStore.expire``) for blobs left behind, such as the payload of a submit whose message could not be
+sent: files older than the retention plus a margin (a day) go, whoever refers to them. A task still waiting that
+long (the sweeper re-sends, and gives up on, stranded work long before) would lose its payload, as on S3, whose
+lifecycle rule counts from each object's creation too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from sdasync.backends.base import BlobStore
-from sdasync.errors import SdasyncError, TaskNotFound
+from sdasync.errors import SdasyncError
 from sdasync.models import TERMINAL, Task, TaskStatus
 from sdasync.service import LEGACY_PAYLOAD_REF, PAYLOAD_REF, Backends
 
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 ORPHAN_MARGIN_S = 86_400.0
 #: Tasks read from the store per batch.
 BATCH = 100
+
+
+@runtime_checkable
+class ExpiringDeadLetters(Protocol):
+    """A queue whose dead letters are kept until deleted (``SqliteQueue``; SQS's expire by its own retention)."""
+
+    def expire_dead_letters(self, before: float) -> int: ...
 
 
 @runtime_checkable
@@ -53,10 +61,12 @@ class PurgeReport:
     payloads: int = 0
     #: Files deleted by age that no task referred to.
     orphans: int = 0
+    #: Dead letters past the retention.
+    dead_letters: int = 0
     errors: int = 0
 
     def __bool__(self) -> bool:
-        return any((self.tasks, self.images, self.payloads, self.orphans, self.errors))
+        return any((self.tasks, self.images, self.payloads, self.orphans, self.dead_letters, self.errors))
 
 
 @dataclass
@@ -65,18 +75,19 @@ class _Tally:
     images: int = 0
     payloads: int = 0
     orphans: int = 0
+    dead_letters: int = 0
     errors: int = 0
 
     def report(self) -> PurgeReport:
         return PurgeReport(tasks=self.tasks, images=self.images, payloads=self.payloads, orphans=self.orphans,
-                           errors=self.errors)
+                           dead_letters=self.dead_letters, errors=self.errors)
 
 
 def purge(backends: Backends, *, retention_s: float, now: float | None = None, limit: int = BATCH,
           orphan_margin_s: float = ORPHAN_MARGIN_S) -> PurgeReport:
-    """Delete terminal tasks last changed more than ``retention_s`` before ``now``, blobs first; then files older
-    than the retention plus ``orphan_margin_s`` in file blob stores. Never raises for a backend's failure: it is
-    logged and counted in ``errors``, and the next pass tries again."""
+    """Delete terminal tasks last changed more than ``retention_s`` before ``now``, then their blobs; then files
+    older than the retention plus ``orphan_margin_s`` in file blob stores, and dead letters past the retention.
+    Never raises for a backend's failure: it is logged and counted in ``errors``, and the next pass tries again."""
     if retention_s < 0:
         raise ValueError(f"retention_s must be >= 0, not {retention_s}")
     now = time.time() if now is None else now
@@ -86,7 +97,21 @@ def purge(backends: Backends, *, retention_s: float, now: float | None = None, l
         for status in sorted(TERMINAL):
             _purge_status(backends, status, cutoff, limit, tally)
     _expire_files(backends, cutoff - orphan_margin_s, tally)
+    _expire_dead_letters(backends, cutoff, tally)
     return tally.report()
+
+
+def _expire_dead_letters(backends: Backends, before: float, tally: _Tally) -> None:
+    """Dead letters past the retention: their tasks are gone by now (a failed task is purged after the same
+    retention), and left alone they would crowd out the sweeper's view of the dead-letter queue."""
+    queue = backends.queue
+    if not isinstance(queue, ExpiringDeadLetters):
+        return
+    try:
+        tally.dead_letters += queue.expire_dead_letters(before)
+    except SdasyncError as exc:
+        log.warning("janitor: cannot expire dead letters: %s", exc)
+        tally.errors += 1
 
 
 def _purge_status(backends: Backends, status: TaskStatus, cutoff: float, limit: int, tally: _Tally) -> None:
@@ -109,17 +134,14 @@ def _purge_status(backends: Backends, status: TaskStatus, cutoff: float, limit: 
 
 def _purge_task(backends: Backends, listed: Task, cutoff: float, tally: _Tally) -> None:
     try:
-        # Read again just before deleting: an operator may have redriven a failed task since it was listed, and a
-        # redriven task needs its payload. (A conditional delete would close the remaining window.)
-        task = backends.store.get(listed.task_id)
-        if not task.status.is_terminal or task.updated_at >= cutoff:
+        # The delete is conditional (still terminal, still unchanged since the cutoff), so a task an operator
+        # redrove since it was listed stays, with its payload. Its blobs go only once it is gone: a task never
+        # points at missing images, and a blob whose delete fails is expired later as an orphan.
+        if not backends.store.delete(listed.task_id, finished_before=cutoff):
             return
-        images = _delete_blobs(backends.blobs, task.images)
-        payloads = _delete_blobs(backends.payloads, _refs(task, PAYLOAD_REF))
-        payloads += _delete_blobs(backends.blobs, _refs(task, LEGACY_PAYLOAD_REF))
-        backends.store.delete(task.task_id)
-    except TaskNotFound:
-        return  # deleted meanwhile (another janitor): nothing left to do
+        images = _delete_blobs(backends.blobs, listed.images)
+        payloads = _delete_blobs(backends.payloads, _refs(listed, PAYLOAD_REF))
+        payloads += _delete_blobs(backends.blobs, _refs(listed, LEGACY_PAYLOAD_REF))
     except SdasyncError as exc:
         log.warning("janitor: task %s left for the next pass: %s", listed.task_id, exc)
         tally.errors += 1

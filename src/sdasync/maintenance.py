@@ -32,7 +32,8 @@ class MaintenanceReport:
                 "stranded": list(self.sweep.stranded), "purged": {"tasks": self.purge.tasks,
                                                                    "images": self.purge.images,
                                                                    "payloads": self.purge.payloads,
-                                                                   "orphans": self.purge.orphans},
+                                                                   "orphans": self.purge.orphans,
+                                                                   "deadLetters": self.purge.dead_letters},
                 "errors": self.sweep.errors + self.purge.errors}
 
 

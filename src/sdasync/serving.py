@@ -92,6 +92,9 @@ def serve(settings: Settings, *, workers: int) -> int:
             stack.callback(maintenance.join, timeout=30.0)
 
         def drain() -> None:
+            # Called by the first signal and again once the server is down; only the first does anything.
+            if stop.is_set():
+                return
             stop.set()
             if supervisor is not None:
                 log.info("stopping workers")

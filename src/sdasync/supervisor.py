@@ -116,11 +116,14 @@ class WorkerSupervisor:
             return sum(1 for p in self.processes if p.poll() is None)
 
     def health(self) -> dict[str, object]:
+        """Never waits on a drain (``stop`` holds no lock while it waits): a health probe must answer at once. While
+        draining it is not ok, so a load balancer stops sending new work here."""
         with self._lock:
             pids = [p.pid for p in self.processes if p.poll() is None]
             draining = self._reap_drained()
-        return {"ok": bool(pids) or self.count == 0, "running": len(pids), "desired": self.count, "pids": pids,
-                "draining": draining}
+        stopping = self._stopping.is_set()
+        return {"ok": (bool(pids) or self.count == 0) and not stopping, "running": len(pids), "desired": self.count,
+                "pids": pids, "draining": draining + (len(pids) if stopping else 0), "stopping": stopping}
 
     def kill(self) -> None:
         """SIGKILL every worker now. Takes no lock: it runs from a signal handler while ``stop`` holds it."""
@@ -129,21 +132,26 @@ class WorkerSupervisor:
                 process.kill()
 
     def stop(self) -> None:
-        """SIGTERM every worker (they drain), then SIGKILL whatever is left after the drain timeout."""
+        """SIGTERM every worker (they drain), then SIGKILL whatever is left after the drain timeout. The lock is
+        held only to take the list: waiting under it would block every ``health`` call for the whole drain."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         with self._lock:
-            for process in self.processes:
+            running = list(self.processes)
+            # Draining workers already had their one SIGTERM; they are only waited for.
+            waiting = [*running, *self.draining]
+            for process in running:
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + self.drain_timeout_s
-            # Draining workers already had their one SIGTERM; they are only waited for.
-            for process in [*self.processes, *self.draining]:
-                try:
-                    process.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    log.warning("worker pid %d did not drain in time; killing it", process.pid)
-                    process.kill()
-                    process.wait()
+        deadline = time.monotonic() + self.drain_timeout_s
+        for process in waiting:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker pid %d did not drain in time; killing it", process.pid)
+                process.kill()
+                process.wait()
         if self._thread.is_alive():
             self._thread.join(timeout=self.check_interval_s * 4)
 

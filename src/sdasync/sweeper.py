@@ -17,19 +17,20 @@ worked and needs no record) and the message may be a duplicate: harmless, since 
 a delivery of a finished task is only acknowledged. So several sweepers may run at once, in several processes:
 each sends at most one message per task per pass.
 
-A task requeued ``max_attempts`` times already (since an operator's last redrive) is not requeued again: it goes
-to ``failed`` with the error ``stranded``, so nothing stays queued forever, and its message (redriven or freshly
-sent) reaches a worker that moves it to the dead-letter queue, where ``sdasync dlq list`` shows it and
-``sdasync dlq redrive`` runs it again. ``requeue_after`` must therefore be well above any expected queue wait:
-a task that merely waits in a long backlog is requeued too (a duplicate), and after ``max_attempts`` such
-rounds it fails.
+Only the queue's own dead-lettering counts against a task. A task whose dead letter the sweeper has moved back
+``max_attempts`` times since it was last claimed (and since an operator's last redrive) is not moved back again:
+it goes to ``failed`` with the error ``stranded``, its dead letter stays where ``sdasync dlq list`` shows it and
+``sdasync dlq redrive`` runs it again. Age never fails a task: one that merely waits behind a long backlog (a
+fleet scaled to zero, an engine that is down) is re-sent at most once per ``requeue_after``, and not at all while
+the queue holds at least as many waiting messages as there are such tasks (then they are most likely waiting in
+line, not lost); a duplicate message costs a worker one cheap delivery.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -77,13 +78,19 @@ class _Pass:
                            stranded=tuple(self.stranded), errors=self.errors)
 
 
-def requeues_since_redrive(history: Iterable[AttemptRecord]) -> int:
-    """How many times the sweeper has requeued the task since an operator's last redrive."""
+#: The error a ``requeued`` record carries when the sweeper moved a dead letter back (age-based re-sends carry none).
+DEAD_LETTERED = "dead_lettered"
+
+
+def redrives_since_claim(task: Task) -> int:
+    """How many times the sweeper has moved the task's dead letter back since its last claim (the records of the
+    current attempt number) and since an operator's last redrive."""
     count = 0
-    for entry in history:
+    for entry in task.history:
         if entry.outcome is Outcome.REDRIVEN:
             count = 0
-        elif entry.outcome is Outcome.REQUEUED:
+        elif entry.outcome is Outcome.REQUEUED and entry.attempt == task.attempts and entry.error is not None \
+                and entry.error.code == DEAD_LETTERED:
             count += 1
     return count
 
@@ -140,6 +147,8 @@ def _move_back(queue: DeadLetterQueue, message_ids: list[str]) -> None:
 
 
 def _sweep_stale(run: _Pass, status: TaskStatus, cutoff: float, limit: int) -> None:
+    if status is TaskStatus.QUEUED and _probably_waiting(run, cutoff, limit):
+        return
     tried: set[str] = set()
     while True:
         try:
@@ -161,6 +170,29 @@ def _sweep_stale(run: _Pass, status: TaskStatus, cutoff: float, limit: int) -> N
             return
 
 
+def _probably_waiting(run: _Pass, cutoff: float, limit: int) -> bool:
+    """True when the queue holds at least as many waiting messages as there are old queued tasks: they are most
+    likely in line behind a backlog, and re-sending would only double it. Counted up to ``limit`` tasks."""
+    try:
+        found = run.backends.store.stale(status=TaskStatus.QUEUED, updated_before=cutoff, limit=limit)
+        # Tasks this pass already gave a message (their dead letters moved back) are not counted, nor those
+        # messages.
+        old = len([task for task in found if task.task_id not in run.seen])
+        if not old:
+            return True
+        depth = run.backends.queue.depth()
+    except SdasyncError as exc:
+        log.warning("sweeper: cannot compare old queued tasks with the queue's depth: %s", exc)
+        run.errors += 1
+        return True
+    waiting = max(0, depth.visible + depth.delayed - len(run.redriven))
+    if waiting >= old:
+        log.info("sweeper: %d queued task(s) unchanged for over %.0f s, and %d message(s) waiting in the queue: "
+                 "leaving them in line", old, run.requeue_after_s, waiting)
+        return True
+    return False
+
+
 def _send(run: _Pass, task_id: str) -> None:
     run.backends.queue.send(task_id)
 
@@ -179,8 +211,8 @@ def _resend(run: _Pass, task: Task, *, lease_expired_before: float, send: Callab
     run.seen.add(task.task_id)
     # The lease condition only matters for a running task: a queued one holds no lease.
     lease = lease_expired_before if task.status is TaskStatus.RUNNING else None
-    if requeues_since_redrive(task.history) >= run.max_attempts:
-        _fail_stranded(run, task, lease=lease, has_dead_letter=has_dead_letter)
+    if has_dead_letter and redrives_since_claim(task) >= run.max_attempts:
+        _fail_stranded(run, task, lease=lease)
         return
     try:
         send()
@@ -188,8 +220,10 @@ def _resend(run: _Pass, task: Task, *, lease_expired_before: float, send: Callab
         log.warning("sweeper: cannot send a message for task %s: %s", task.task_id, exc)
         run.errors += 1
         return
+    why = TaskError(DEAD_LETTERED, "the queue dead-lettered its message; the sweeper moved it back") \
+        if has_dead_letter else None
     record = AttemptRecord(attempt=task.attempts, worker=None, started_at=None, ended_at=run.now,
-                           outcome=Outcome.REQUEUED)
+                           outcome=Outcome.REQUEUED, error=why)
     try:
         run.backends.store.transition(task.task_id, expected={task.status}, to=task.status, attempt=task.attempts,
                                       lease_expired_before=lease, changes={"history": (*task.history, record)})
@@ -203,10 +237,10 @@ def _resend(run: _Pass, task: Task, *, lease_expired_before: float, send: Callab
     done.append(task.task_id)
 
 
-def _fail_stranded(run: _Pass, task: Task, *, lease: float | None, has_dead_letter: bool) -> None:
-    count = requeues_since_redrive(task.history)
-    error = TaskError("stranded", f"the task's queue message went missing again after the sweeper had re-sent it "
-                                  f"{count} times; giving up (sdasync dlq redrive runs it again)")
+def _fail_stranded(run: _Pass, task: Task, *, lease: float | None) -> None:
+    count = redrives_since_claim(task)
+    error = TaskError("stranded", f"the queue dead-lettered the task's message {count + 1} times without a worker "
+                                  f"taking it; giving up (sdasync dlq redrive runs it again)")
     record = AttemptRecord(attempt=task.attempts, worker=None, started_at=None, ended_at=run.now,
                            outcome=Outcome.FAILED, error=error)
     try:
@@ -220,14 +254,6 @@ def _fail_stranded(run: _Pass, task: Task, *, lease: float | None, has_dead_lett
         log.warning("sweeper: cannot fail stranded task %s: %s", task.task_id, exc)
         run.errors += 1
         return
+    # Its dead letter stays where `sdasync dlq list` shows it and `dlq redrive` finds it.
     run.stranded.append(task.task_id)
     log.error("task %s failed: %s", task.task_id, error.message)
-    if has_dead_letter:
-        return  # its dead letter stays where `dlq redrive` finds it
-    # Failed first, message second: a worker moves a failed task's message to the dead-letter queue. Were the
-    # send to fail, the task is still settled, only missing from `dlq list`.
-    try:
-        run.backends.queue.send(task.task_id)
-    except SdasyncError as exc:
-        log.warning("sweeper: stranded task %s has no dead letter: %s", task.task_id, exc)
-        run.errors += 1

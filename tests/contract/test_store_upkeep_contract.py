@@ -101,6 +101,23 @@ def test_worker_records_round_trip_and_expire(store: TaskStore, clock: FakeClock
     assert store.workers(now=now - 10) == [live_a, live_b, dead]
 
 
+def test_a_conditional_delete_takes_only_a_finished_task_unchanged_since_the_cutoff(store: TaskStore,
+                                                                                    clock: FakeClock) -> None:
+    old_failed = make_task(clock, created_at=clock() - 1000, status=F)
+    old_queued = make_task(clock, created_at=clock() - 1000)
+    store.create(old_failed)
+    store.create(old_queued)
+
+    assert store.delete(old_queued.task_id, finished_before=clock()) is False
+    assert store.delete(old_failed.task_id, finished_before=old_failed.updated_at) is False  # not before it
+    assert store.get(old_failed.task_id) == old_failed
+    assert store.delete(old_failed.task_id, finished_before=clock()) is True
+    with pytest.raises(TaskNotFound):
+        store.get(old_failed.task_id)
+    assert store.delete(old_failed.task_id, finished_before=clock()) is False
+    assert store.get(old_queued.task_id) == old_queued
+
+
 def test_a_heartbeat_overwrites_the_record_and_remove_deletes_it(store: TaskStore, clock: FakeClock) -> None:
     now = clock()
     store.put_worker(_worker("w1", expires_at=now + 15, task_id="t-1"))

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 from fastapi.testclient import TestClient
 
+from sdasync import dlq
 from sdasync.api.app import create_app
 from sdasync.backends.base import BlobStore
 from sdasync.backends.local.files import FileBlobStore
@@ -115,7 +116,7 @@ def test_queued_and_running_tasks_are_never_purged(backends: Backends, service: 
         assert exists(backends.payloads, payload_ref(kept))
 
 
-def test_a_task_whose_blob_delete_fails_stays_for_the_next_pass(backends: Backends, service: TaskService) -> None:
+def test_a_blob_whose_delete_fails_is_expired_later_as_an_orphan(backends: Backends, service: TaskService) -> None:
     task = service.submit(BODY)
     assert drain(backends) == 1
     task = backends.store.get(task.task_id)
@@ -125,14 +126,28 @@ def test_a_task_whose_blob_delete_fails_stays_for_the_next_pass(backends: Backen
     first = purge(Backends(queue=backends.queue, store=backends.store, blobs=flaky, payloads=backends.payloads),
                   retention_s=RETENTION_S, now=later)
 
-    assert (first.tasks, first.errors) == (0, 1)
-    assert backends.store.get(task.task_id).images == task.images  # the task still names its images
-    second = purge(Backends(queue=backends.queue, store=backends.store, blobs=flaky, payloads=backends.payloads),
-                   retention_s=RETENTION_S, now=later)
-    assert (second.tasks, second.errors) == (1, 0)
+    # The task went first (a conditional delete): nothing points at the image left behind.
+    assert first.errors == 1
     with pytest.raises(TaskNotFound):
         backends.store.get(task.task_id)
+    assert any(exists(backends.blobs, key) for key in task.images)
+    second = purge(backends, retention_s=RETENTION_S, now=later + 10, orphan_margin_s=0)
+    assert second.orphans >= 1
     assert not any(exists(backends.blobs, key) for key in task.images)
+
+
+def test_a_task_redriven_after_it_was_listed_is_not_deleted(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    backends.store.transition(task.task_id, expected={TaskStatus.QUEUED}, to=TaskStatus.FAILED,
+                              changes={"finished_at": time.time()})
+    cutoff = time.time() + 1
+    listed = backends.store.stale(status=TaskStatus.FAILED, updated_before=cutoff)
+    assert [t.task_id for t in listed] == [task.task_id]
+    # The operator's redrive lands between the janitor's listing and its delete.
+    backends.store.transition(task.task_id, expected={TaskStatus.FAILED}, to=TaskStatus.QUEUED)
+
+    assert backends.store.delete(task.task_id, finished_before=cutoff) is False
+    assert backends.store.get(task.task_id).status is TaskStatus.QUEUED
 
 
 def test_files_no_task_refers_to_expire_after_the_retention_and_a_margin(backends: Backends) -> None:
@@ -222,3 +237,15 @@ class FlakyBlobs:
         return self
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+def test_dead_letters_past_the_retention_are_deleted(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    message = backends.queue.receive()[0]
+    backends.queue.dead_letter(message.receipt, reason="poisoned")
+    assert purge(backends, retention_s=RETENTION_S).dead_letters == 0  # not old enough
+
+    assert purge(backends, retention_s=RETENTION_S, now=time.time() + RETENTION_S + 1).dead_letters == 1
+
+    assert dlq.list_dead(backends) == []
+    assert backends.store.get(task.task_id).status is TaskStatus.QUEUED  # a live task is never deleted

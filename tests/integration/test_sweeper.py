@@ -130,29 +130,61 @@ def test_a_running_task_whose_worker_died_is_requeued(backends: Backends, servic
     assert outcomes(backends, task.task_id) == [Outcome.REQUEUED, Outcome.LOST, Outcome.SUCCEEDED]
 
 
-def test_a_task_requeued_max_attempts_times_fails_as_stranded_and_can_be_redriven(
+def dead_letter(backends: Backends, task: Task) -> None:
+    """The queue gives up on the task's message (its own redrive policy, say during a task-store outage)."""
+    messages = backends.queue.receive(max_messages=10)
+    assert [m.body for m in messages] == [task.task_id]
+    backends.queue.dead_letter(messages[0].receipt, reason="behind sdasync's back")
+
+
+def test_a_task_dead_lettered_past_max_attempts_fails_as_stranded_and_can_be_redriven(
         backends: Backends, service: TaskService) -> None:
     task = service.submit(BODY)
-    for round_ in range(1, 3):
-        lose_message(backends, task)
-        report = sweep(backends, requeue_after_s=REQUEUE_AFTER_S, max_attempts=2, now=later(round_ * 100))
-        assert report.requeued == (task.task_id,)
-    lose_message(backends, task)
+    for _ in range(2):
+        dead_letter(backends, task)
+        assert sweep(backends, requeue_after_s=REQUEUE_AFTER_S, max_attempts=2).redriven == (task.task_id,)
+    dead_letter(backends, task)
 
-    report = sweep(backends, requeue_after_s=REQUEUE_AFTER_S, max_attempts=2, now=later(300))
+    report = sweep(backends, requeue_after_s=REQUEUE_AFTER_S, max_attempts=2)
 
-    assert report.stranded == (task.task_id,) and not report.requeued
+    assert report.stranded == (task.task_id,) and not report.redriven
     failed = backends.store.get(task.task_id)
     assert failed.status is TaskStatus.FAILED and failed.error is not None
-    assert failed.error.code == "stranded" and "2 times" in failed.error.message
-    # Its fresh message reaches a worker, which files it with the dead letters, where the operator finds it.
-    worker(backends).run(burst=True)
+    assert failed.error.code == "stranded" and "3 times" in failed.error.message
+    # Its dead letter stays where the operator finds it.
     assert [row["taskId"] for row in dlq.list_dead(backends)] == [task.task_id]
     assert dlq.redrive(backends) == [{"taskId": task.task_id, "result": "requeued"}]
     assert worker(backends).run(burst=True) == 1
     assert backends.store.get(task.task_id).status is TaskStatus.SUCCEEDED
     history = backends.store.get(task.task_id).history
     assert history[-2].outcome is Outcome.REDRIVEN and history[-2].started_at is None
+
+
+def test_age_alone_never_fails_a_task(backends: Backends, service: TaskService) -> None:
+    task = service.submit(BODY)
+    for round_ in range(1, 6):
+        lose_message(backends, task)
+        report = sweep(backends, requeue_after_s=REQUEUE_AFTER_S, max_attempts=2, now=later(round_ * 100))
+        assert report.requeued == (task.task_id,) and not report.stranded
+    assert worker(backends).run(burst=True) == 1
+    assert backends.store.get(task.task_id).status is TaskStatus.SUCCEEDED
+
+
+def test_old_queued_tasks_whose_messages_wait_in_line_get_no_duplicates(backends: Backends,
+                                                                          service: TaskService) -> None:
+    tasks = [service.submit(BODY) for _ in range(3)]
+    # A fleet scaled to zero, an engine that is down: old, but their messages are all there.
+    assert not sweep(backends, requeue_after_s=REQUEUE_AFTER_S, max_attempts=3, now=later())
+    assert backends.queue.depth().visible == len(tasks)
+    # One of them loses its message: fewer messages than old tasks, so they are all re-sent (duplicates are
+    # harmless) and every task runs once.
+    lose_one = backends.queue.receive()[0]
+    backends.queue.ack(lose_one.receipt)
+    assert len(sweep(backends, requeue_after_s=REQUEUE_AFTER_S, max_attempts=3, now=later()).requeued) == 3
+    engine = FakeEngine()
+    worker(backends, engine).run(burst=True)
+    assert engine.calls == len(tasks)
+    assert all(backends.store.get(t.task_id).status is TaskStatus.SUCCEEDED for t in tasks)
 
 
 def test_two_sweepers_at_once_send_bounded_duplicates_and_each_task_runs_once(settings: Settings,

@@ -159,8 +159,10 @@ class TaskStore(Protocol):
         index, so it costs what it returns. Raises ValueError for a limit outside 1..1000, BackendError."""
         ...
 
-    def delete(self, task_id: str) -> None:
-        """Remove the task for good (retention); a missing task is not an error. Raises BackendError."""
+    def delete(self, task_id: str, *, finished_before: float | None = None) -> bool:
+        """Remove the task for good (retention); returns whether it was there to remove. With
+        ``finished_before``, only if it is in a terminal state and its ``updated_at`` is before that, atomically:
+        a task an operator redrove meanwhile stays. Raises BackendError."""
         ...
 
     def put_worker(self, record: WorkerRecord) -> None:

@@ -97,7 +97,7 @@ from sdasync.backends.aws.dynamo_workers import (
 )
 from sdasync.backends.base import TaskPage, check_changes, check_transition
 from sdasync.errors import BackendRefused, ConfigError, RequestError, TaskConflict, TaskNotFound
-from sdasync.models import Task, TaskStatus, WorkerRecord
+from sdasync.models import TERMINAL, Task, TaskStatus, WorkerRecord
 from sdasync.urls import query_params
 
 MAX_LIMIT = 1000
@@ -278,11 +278,25 @@ class DynamoTaskStore:
         found = [task for task in tasks if task.status == status_value and task.updated_at < updated_before]
         return sorted(found, key=lambda task: (task.updated_at, task.task_id))
 
-    def delete(self, task_id: str) -> None:
+    def delete(self, task_id: str, *, finished_before: float | None = None) -> bool:
         if is_worker_key(task_id):
-            return  # not a task: a registry record is removed by remove_worker only
+            return False  # not a task: a registry record is removed by remove_worker only
+        request: dict[str, Any] = {"TableName": self.table, "Key": {KEY: {"S": task_id}}, "ReturnValues": "ALL_OLD"}
+        if finished_before is not None:
+            terminal = sorted(str(s) for s in TERMINAL)
+            request.update(
+                ConditionExpression=f"#u < :u AND #s IN ({', '.join(f':s{i}' for i in range(len(terminal)))})",
+                ExpressionAttributeNames={"#u": UPDATED_AT, "#s": "status"},
+                ExpressionAttributeValues={":u": serialize(float(finished_before)),
+                                           **{f":s{i}": {"S": s} for i, s in enumerate(terminal)}})
         with self._call(f"delete task {task_id}"):
-            self.client.delete_item(TableName=self.table, Key={KEY: {"S": task_id}})
+            try:
+                response = self.client.delete_item(**request)
+            except ClientError as exc:
+                if error_code(exc) != "ConditionalCheckFailedException":
+                    raise
+                return False
+        return bool(response.get("Attributes"))
 
     # Worker registry -------------------------------------------------------------------------------------------
 

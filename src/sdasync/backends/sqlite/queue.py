@@ -274,6 +274,14 @@ class SqliteQueue:
                 self._wakeup.notify_all()
         return moved
 
+    def expire_dead_letters(self, before: float) -> int:
+        """Delete dead letters dead-lettered before ``before`` (retention: SQS's dead-letter queue drops its
+        messages after its own retention period, SQLite keeps them until told). Returns how many went.
+        Raises BackendError."""
+        with self._db.write() as conn:
+            return int(conn.execute("DELETE FROM queue_messages WHERE queue = ? AND dead_at IS NOT NULL"
+                                    " AND dead_at < ?", (self.name, before)).rowcount)
+
     def close(self) -> None:
         with self._wakeup:
             self._closed = True

@@ -32,7 +32,7 @@ from sdasync.backends.cursor import decode_cursor, encode_cursor
 from sdasync.backends.sqlite import workers as worker_rows
 from sdasync.backends.sqlite.db import SqliteDatabase
 from sdasync.errors import BackendRefused, RequestError, TaskConflict, TaskNotFound
-from sdasync.models import Api, Task, TaskError, TaskStatus, WorkerRecord, plain_field
+from sdasync.models import TERMINAL, Api, Task, TaskError, TaskStatus, WorkerRecord, plain_field
 from sdasync.urls import path_from_url, query_params
 
 SCHEMA = (
@@ -182,9 +182,16 @@ class SqliteTaskStore:
                                 (str(TaskStatus(status)), float(updated_before), limit)).fetchall()
         return [_decode_task(row) for row in rows]
 
-    def delete(self, task_id: str) -> None:
+    def delete(self, task_id: str, *, finished_before: float | None = None) -> bool:
         with self._write() as conn:
-            conn.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+            if finished_before is None:
+                cursor = conn.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+            else:
+                terminal = sorted(str(s) for s in TERMINAL)
+                cursor = conn.execute(
+                    f"DELETE FROM tasks WHERE task_id = ? AND updated_at < ? "
+                    f"AND status IN ({', '.join('?' * len(terminal))})", (task_id, finished_before, *terminal))
+            return cursor.rowcount > 0
 
     def put_worker(self, record: WorkerRecord) -> None:
         try:
