@@ -140,9 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
             "fleet), back to zero when it drains")
     _scaler_options(serve, local=True)
 
-    api = sub.add_parser("api", help="the HTTP API alone")
+    api = sub.add_parser("api", help="the HTTP API alone (and the sweeper)")
     for options in (_location_options, _api_options, _log_level):
         options(api)
+    _set(api, "--max-attempts", type=int, help="dead-letterings of one queued task before the sweeper fails it "
+         "(default 3)")
 
     worker = sub.add_parser("worker", help="one worker process")
     for options in (_location_options, _task_options, _log_level):

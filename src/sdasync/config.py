@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
@@ -192,6 +192,18 @@ class Settings(_Section):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _payloads_never_served(self) -> Settings:
+        results, payloads = urlsplit(self.blobs_url), urlsplit(self.payloads_url)
+        if results.scheme != payloads.scheme or results.netloc != payloads.netloc:
+            return self
+        inner, outer = payloads.path.strip("/"), results.path.strip("/")
+        if not outer or inner == outer or inner.startswith(outer + "/"):
+            raise ValueError(f"payloads {self.payloads_url} would sit inside the results {self.blobs_url}, which a "
+                             f"CDN may serve: give the results a prefix (s3://bucket/results) or --payloads a place "
+                             f"of its own")
+        return self
+
     @property
     def queue_url(self) -> str:
         return self.queue or url_for_path("sqlite", self.data_dir / "sdasync.db")
@@ -260,7 +272,9 @@ def _build(model: type[_Section], given: Mapping[str, object], environ: Mapping[
         return model(**values)
     except ValidationError as exc:
         error = exc.errors()[0]
-        name = str(error["loc"][0]) if error["loc"] else "?"
+        if not error["loc"]:  # a rule across fields: its message says it all
+            raise ConfigError(str(error["msg"]).removeprefix("Value error, ")) from None
+        name = str(error["loc"][0])
         if name in given:
             source = f"--{name.replace('_', '-')} {given[name]!r}"
         elif name in from_env:

@@ -24,7 +24,7 @@ from sdasync.backends.base import BlobStore, Queue, QueueDepth, TaskPage, TaskSt
 from sdasync.backends.registry import open_blobs, open_queue, open_store
 from sdasync.config import Limits, Settings
 from sdasync.errors import SdasyncError, TaskConflict
-from sdasync.models import Outcome, Task, TaskStatus, WorkerRecord
+from sdasync.models import AttemptRecord, Outcome, Task, TaskStatus, WorkerRecord
 from sdasync.validation import SEED_MAX, validate_request
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,10 @@ def load_payload(task: Task, payloads: BlobStore, *, results: BlobStore | None =
     return loaded
 
 
-def _cancelled_attempt(task: Task, now: float) -> dict[str, Any]:
-    """The history record of a running attempt that a cancel ends (plain data; the model reads it)."""
-    return {"attempt": task.attempts, "worker": task.worker, "started_at": task.started_at, "ended_at": now,
-            "outcome": str(Outcome.CANCELLED), "error": None}
+def _cancelled_attempt(task: Task, now: float) -> AttemptRecord:
+    """The history record of a running attempt that a cancel ends."""
+    return AttemptRecord(attempt=task.attempts, worker=task.worker, started_at=task.started_at, ended_at=now,
+                         outcome=Outcome.CANCELLED)
 
 
 @dataclass

@@ -34,6 +34,15 @@ def test_payloads_never_live_under_the_results() -> None:
     assert Settings(payloads="s3://private/p").payloads_url == "s3://private/p"
 
 
+@pytest.mark.parametrize(("blobs", "payloads"), [
+    ("s3://bucket", None), ("s3://bucket/requests", None), ("s3://bucket/results", "s3://bucket/results/requests"),
+    ("file:///data/results", "file:///data/results/requests"),
+])
+def test_payloads_inside_the_results_are_refused(blobs: str, payloads: str | None) -> None:
+    with pytest.raises(ConfigError, match="inside the results"):
+        settings_from({"blobs": blobs, "payloads": payloads}, environ={})
+
+
 def test_environment_fills_what_options_leave_out() -> None:
     env = {"SDASYNC_VISIBILITY_TIMEOUT": "120", "SDASYNC_QUEUE": "sqlite:///q.db", "SDASYNC_MAX_STEPS": "50",
            "SDASYNC_ALLOW_SCRIPTS": "true", "SDASYNC_OVERRIDE_SETTINGS_ALLOWLIST": "sd_vae, CLIP_stop_at_last_layers",

@@ -7,7 +7,8 @@ would send a victim's browser or a cache elsewhere for the images. So, in this o
 2. on Lambda, the API Gateway's own domain and stage from the event's request context (the handler puts it in
    the ASGI scope under ``GATEWAY_BASE_URL``), never the Host header;
 3. the request's Host, when its host name is trusted (``settings.trusted_hosts``; by default the bind address,
-   ``localhost``, ``127.0.0.1``, ``::1`` and the host of ``public_url``);
+   ``localhost``, ``127.0.0.1``, ``::1`` and the host of ``public_url``) and its port, if any, is the one the
+   server listens on (behind a port mapping, set ``public_url``);
 4. otherwise ``http://{settings.host}:{settings.port}/``.
 
 A request with an untrusted Host is answered, not refused: nothing of the forged host reaches a URL either way,
@@ -59,6 +60,10 @@ def base_url(request: Request) -> str:
     header = request.headers.get("host", "")
     match = HOST_HEADER.fullmatch(header)
     if match is None or match["host"].lower().strip("[]") not in trusted_hosts(settings):
+        return fallback_base_url(settings)
+    port = header[len(match["host"]):].lstrip(":")
+    # Port 0 asks the OS for one: whatever the client reached is it.
+    if port and settings.port and int(port) != settings.port:
         return fallback_base_url(settings)
     scheme = "https" if request.url.scheme in {"https", "wss"} else "http"
     root = str(request.scope.get("root_path") or "").rstrip("/")

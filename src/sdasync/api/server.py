@@ -152,8 +152,10 @@ def build_server(app: ASGIApp, settings: Settings) -> uvicorn.Server:
         pass
 
     Protocol.guard = guard
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", lifespan="on",
-                            http=Protocol)
+    # No proxy headers: behind a proxy, --public-url says what clients see, and a client on this machine must not
+    # choose the scheme of image URLs with X-Forwarded-Proto.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            lifespan="on", http=Protocol, proxy_headers=False)
     return uvicorn.Server(config)
 
 
