@@ -14,6 +14,16 @@ import pytest
 
 from helpers import free_port, wait_until
 
+#: Each started process's log file, so that a failure message can show why a server died.
+_LOGS: dict[int, Path] = {}
+
+
+def log_tail(process: subprocess.Popen[bytes], chars: int = 4000) -> str:
+    path = _LOGS.get(process.pid)
+    if path is None or not path.exists():
+        return "(no log)"
+    return path.read_text(errors="replace")[-chars:]
+
 
 class Processes:
     def __init__(self, log_dir: Path) -> None:
@@ -22,9 +32,11 @@ class Processes:
 
     def start(self, *args: str, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-        log = (self.log_dir / f"{name}.log").open("ab")
-        process = subprocess.Popen([sys.executable, "-m", "sdasync", *args], stdout=log, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
+        path = self.log_dir / f"{name}.log"
+        with path.open("ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", "sdasync", *args], stdout=log,
+                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        _LOGS[process.pid] = path
         self.started.append(process)
         return process
 
@@ -56,7 +68,7 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
 
 def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, object]:
     def healthy() -> dict[str, object] | None:
-        assert process.poll() is None, f"server exited with {process.returncode}"
+        assert process.poll() is None, f"server exited with {process.returncode}:\n{log_tail(process)}"
         try:
             response = httpx.get(f"{url}/healthz", timeout=2)
         except httpx.HTTPError:

@@ -88,10 +88,10 @@ def test_readme_request_end_to_end(procs: Processes, port: int, tmp_path: Path) 
 
 def test_sigkilled_worker_loses_no_task(procs: Processes, port: int, tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
-    common = ["--data-dir", str(tmp_path / "data"), "--visibility-timeout", "2"]
-    api = procs.start("api", "--port", str(port), "--engine", "fake://", *common, name="api")
+    data = ["--data-dir", str(tmp_path / "data")]
+    api = procs.start("api", "--port", str(port), *data, name="api")
     wait_healthy(url, api, timeout=60)
-    worker_args = ["worker", "--engine", "fake://?seconds=4", *common]
+    worker_args = ["worker", "--engine", "fake://?seconds=4", "--visibility-timeout", "2", *data]
     first = procs.start(*worker_args, name="worker1")
     task_id = httpx.post(f"{url}/task", json={"api": "/sdapi/v1/txt2img", "payload": {
         "prompt": "x", "steps": 20, "width": 64, "height": 64}}, timeout=5).json()["taskId"]
@@ -110,7 +110,7 @@ def test_sigkilled_worker_loses_no_task(procs: Processes, port: int, tmp_path: P
 def test_cancelled_queued_task_never_runs(procs: Processes, port: int, tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     data = ["--data-dir", str(tmp_path / "data")]
-    api = procs.start("api", "--port", str(port), "--engine", "fake://", *data, name="api")
+    api = procs.start("api", "--port", str(port), *data, name="api")
     wait_healthy(url, api, timeout=60)
     submitted = procs.run("submit", "never drawn", "--url", url)
     task_id = json.loads(submitted.stdout)["taskId"]

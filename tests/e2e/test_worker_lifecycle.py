@@ -21,8 +21,7 @@ BODY = {"api": "/sdapi/v1/txt2img", "payload": {"prompt": "x", "steps": 20, "wid
 
 def start_api(procs: Processes, port: int, data: Path) -> str:
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, procs.start("api", "--port", str(port), "--data-dir", str(data), "--engine", "fake://",
-                                  name="api"), timeout=60)
+    wait_healthy(url, procs.start("api", "--port", str(port), "--data-dir", str(data), name="api"), timeout=60)
     return url
 
 

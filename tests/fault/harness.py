@@ -19,7 +19,7 @@ from PIL import Image
 
 from sdasync.config import Settings
 from sdasync.errors import BlobNotFound, TaskConflict
-from sdasync.models import Task, TaskStatus
+from sdasync.models import Outcome, Task, TaskStatus
 from sdasync.service import Backends, TaskService
 
 #: SIGKILL points inside the worker (see sdasync.worker.faults) and their rates.
@@ -135,13 +135,13 @@ def audit(tasks: list[Task], backends: Backends, counts: Counter[str]) -> Counte
     counts["tasks with duplicated or missing results"] = sum(1 for t in tasks if not _results_exact(t, backends))
     for task in tasks:
         history = task.history
-        counts["retries"] += sum(1 for h in history if h["outcome"] == "retried")
-        counts["lost attempts (worker died)"] += sum(1 for h in history if h["outcome"] == "lost")
-        counts["released attempts (drain)"] += sum(1 for h in history if h["outcome"] == "released")
+        counts["retries"] += sum(1 for h in history if h.outcome is Outcome.RETRIED)
+        counts["lost attempts (worker died)"] += sum(1 for h in history if h.outcome is Outcome.LOST)
+        counts["released attempts (drain)"] += sum(1 for h in history if h.outcome is Outcome.RELEASED)
         if task.status is TaskStatus.SUCCEEDED:
             # The write that made it succeed came from the attempt that holds it, not from a fenced-off one.
-            assert history and history[-1]["outcome"] == "succeeded", history
-            assert history[-1]["attempt"] == task.attempts, (history, task.attempts)
+            assert history and history[-1].outcome is Outcome.SUCCEEDED, history
+            assert history[-1].attempt == task.attempts, (history, task.attempts)
             assert task.info is not None and task.info["all_seeds"][0] == task.payload["seed"]
         elif task.status is TaskStatus.FAILED:
             assert task.error is not None and task.error.code, task
