@@ -52,9 +52,10 @@ class ExpiringBlobStore(Protocol):
     def expire(self, before: float) -> int: ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class PurgeReport:
-    """What one pass deleted, and how many tasks it had to leave for the next pass because a delete failed."""
+    """What one pass deleted, and how many tasks it had to leave for the next pass because a delete failed. The
+    pass counts into it as it goes."""
 
     tasks: int = 0
     images: int = 0
@@ -69,20 +70,6 @@ class PurgeReport:
         return any((self.tasks, self.images, self.payloads, self.orphans, self.dead_letters, self.errors))
 
 
-@dataclass
-class _Tally:
-    tasks: int = 0
-    images: int = 0
-    payloads: int = 0
-    orphans: int = 0
-    dead_letters: int = 0
-    errors: int = 0
-
-    def report(self) -> PurgeReport:
-        return PurgeReport(tasks=self.tasks, images=self.images, payloads=self.payloads, orphans=self.orphans,
-                           dead_letters=self.dead_letters, errors=self.errors)
-
-
 def purge(backends: Backends, *, retention_s: float, now: float | None = None, limit: int = BATCH,
           orphan_margin_s: float = ORPHAN_MARGIN_S) -> PurgeReport:
     """Delete terminal tasks last changed more than ``retention_s`` before ``now``, then their blobs; then files
@@ -92,16 +79,16 @@ def purge(backends: Backends, *, retention_s: float, now: float | None = None, l
         raise ValueError(f"retention_s must be >= 0, not {retention_s}")
     now = time.time() if now is None else now
     cutoff = now - retention_s
-    tally = _Tally()
+    tally = PurgeReport()
     if "expires" not in backends.store.capabilities:
         for status in sorted(TERMINAL):
             _purge_status(backends, status, cutoff, limit, tally)
     _expire_files(backends, cutoff - orphan_margin_s, tally)
     _expire_dead_letters(backends, cutoff, tally)
-    return tally.report()
+    return tally
 
 
-def _expire_dead_letters(backends: Backends, before: float, tally: _Tally) -> None:
+def _expire_dead_letters(backends: Backends, before: float, tally: PurgeReport) -> None:
     """Dead letters past the retention: their tasks are gone by now (a failed task is purged after the same
     retention), and left alone they would crowd out the sweeper's view of the dead-letter queue."""
     queue = backends.queue
@@ -114,7 +101,7 @@ def _expire_dead_letters(backends: Backends, before: float, tally: _Tally) -> No
         tally.errors += 1
 
 
-def _purge_status(backends: Backends, status: TaskStatus, cutoff: float, limit: int, tally: _Tally) -> None:
+def _purge_status(backends: Backends, status: TaskStatus, cutoff: float, limit: int, tally: PurgeReport) -> None:
     seen: set[str] = set()
     while True:
         try:
@@ -132,7 +119,7 @@ def _purge_status(backends: Backends, status: TaskStatus, cutoff: float, limit: 
             return
 
 
-def _purge_task(backends: Backends, listed: Task, cutoff: float, tally: _Tally) -> None:
+def _purge_task(backends: Backends, listed: Task, cutoff: float, tally: PurgeReport) -> None:
     try:
         # The delete is conditional (still terminal, still unchanged since the cutoff), so a task an operator
         # redrove since it was listed stays, with its payload. Its blobs go only once it is gone: a task never
@@ -165,7 +152,7 @@ def _delete_blobs(blobs: BlobStore, keys: tuple[str, ...]) -> int:
     return len(keys)
 
 
-def _expire_files(backends: Backends, before: float, tally: _Tally) -> None:
+def _expire_files(backends: Backends, before: float, tally: PurgeReport) -> None:
     stores: list[BlobStore] = [backends.blobs]
     if backends.payloads is not backends.blobs:
         stores.append(backends.payloads)
