@@ -164,9 +164,11 @@ def test_a_stop_ends_the_wait_for_an_engine_that_went_down(backends: Backends) -
     task = TaskService(backends).submit(BODY)
     worker = make_worker(backends, Dies(), engine_probe_s=0.05)
     thread = run_in_thread(worker)
-    # The first heartbeat may carry the engine's own word ("refused") before the wait's; wait for the wait's.
-    down = wait_until(lambda: (r := only_record(backends)) is not None and "waiting for engine at" in r.health.detail
-                      and r, timeout=10)
+    # Before setup the record says it waits for the engine, and a heartbeat may carry the engine's own word
+    # ("refused"): wait for the wait that follows the failed task, which says both.
+    down = wait_until(lambda: worker.engine_down.is_set() and (r := only_record(backends)) is not None
+                      and "waiting for engine at" in r.health.detail and "refused" in r.health.detail and r,
+                      timeout=10)
     assert down.health.ok is False and "waiting for engine at fake://?seconds=1" in down.health.detail
     assert worker.engine_down.is_set()
     started = time.monotonic()
