@@ -149,6 +149,30 @@ class Settings(_Section):
     max_incomplete_requests: int = Field(default=64, ge=1)
     #: The API Gateway stage or base path the Lambda handler strips from paths.
     api_base_path: str = "/"
+    # -- trust (see docs/security.md)
+    #: Require an API key on every route but /healthz. None: on unless the API listens on loopback only (always
+    #: on under Lambda).
+    auth: bool | None = None
+    #: Seconds an image URL of the embedded blob store stays valid.
+    url_ttl: float = Field(default=3600.0, gt=0)
+    #: The secret that signs image URLs, shared by every API process; None: one generated into
+    #: ``<data-dir>/secrets/url.key``.
+    url_secret: str | None = Field(default=None, min_length=32)
+    #: What encrypts webhook secrets at rest: ``file:///path/to/key`` (made on first use, mode 0600; default
+    #: ``<data-dir>/secrets/master.key``) or ``kms://<key id or alias>?region=<region>``.
+    secrets: str | None = None
+    #: Submissions are refused (429 ``queue_full``) while this many messages wait in the queue.
+    max_queue_depth: int | None = Field(default=None, ge=1)
+    #: Seconds after submission by which every task must be finished, else it ends ``cancelled`` (``deadline``).
+    max_task_age: float | None = Field(default=None, gt=0)
+    #: Seconds an Idempotency-Key is remembered.
+    idempotency_ttl: float = Field(default=86400.0, gt=0)
+    #: Hosts, addresses or networks (``10.0.0.0/8``) webhooks may reach despite the SSRF guard, and over http.
+    webhook_allow: CommaSet = frozenset()
+    #: Seconds a webhook receiver has to connect, and to answer.
+    webhook_timeout: float = Field(default=10.0, gt=0)
+    #: Seconds a ``completed`` event is retried before it is abandoned (at least 24 h by default).
+    webhook_retry_for: float = Field(default=86400.0, gt=0)
     # -- serve
     #: Worker processes beside the API.
     workers: int = Field(default=1, ge=0)
@@ -185,7 +209,7 @@ class Settings(_Section):
 
     SECTIONS: ClassVar[Mapping[str, type[_Section]]] = {"limits": Limits, "scaler": ScalerSettings}
 
-    _split = field_validator("trusted_hosts", mode="before")(_comma_set)
+    _split = field_validator("trusted_hosts", "webhook_allow", mode="before")(_comma_set)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -226,6 +250,14 @@ class Settings(_Section):
             region = dict(parse_qsl(urlsplit(blobs).query)).get("region")
             return f"s3://{urlsplit(blobs).netloc}/requests" + (f"?region={region}" if region else "")
         return url_for_path("file", self.data_dir / "requests")
+
+    @property
+    def secrets_url(self) -> str:
+        return self.secrets or url_for_path("file", self.data_dir / "secrets" / "master.key")
+
+    @property
+    def url_secret_path(self) -> Path:
+        return self.data_dir / "secrets" / "url.key"
 
     @property
     def models_dir(self) -> Path:

@@ -7,8 +7,11 @@
      +-- RequestError                 invalid_request       422  a client's request is refused (names the field)
      |    +-- PayloadTooLarge         payload_too_large     413
      |    +-- UnsupportedMediaType    unsupported_media_type 415 the body is not JSON in UTF-8
+     +-- Unauthorized                 unauthorized          401  no API key, or one that is unknown or revoked
+     +-- LimitExceeded                (the limit's name)    429  a quota or the queue's depth; retry_after_s says when
      +-- TaskNotFound                 task_not_found        404
      +-- TaskConflict                 conflict              409  a compare-and-set lost (status or attempt moved on)
+     +-- RecordConflict               conflict              409  a record's compare-and-set lost (keys, quotas, outbox)
      +-- BlobNotFound                 blob_not_found        404
      +-- ReceiptInvalid               receipt_invalid       409  a queue receipt is no longer the current delivery
      +-- MetadataUnavailable          metadata_unavailable  500  no EC2 instance metadata here (IMDSv2)
@@ -31,6 +34,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # only for the annotation: every module imports errors, so it stays free of runtime imports
+    from sdasync.backends.records import Record
     from sdasync.models import Task
 
 
@@ -68,6 +72,25 @@ class UnsupportedMediaType(RequestError):
     http_status = 415
 
 
+class Unauthorized(SdasyncError):
+    """Every route but /healthz answers this one way, whatever is wrong with the key: no oracle."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class LimitExceeded(SdasyncError):
+    """Over a quota (``code`` names it: ``rate_limited``, ``max_queued``, ``max_active``, ``queue_full``)."""
+
+    http_status = 429
+
+    def __init__(self, message: str, *, code: str, retry_after_s: float, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.code = code
+        #: Seconds after which a retry may succeed (the Retry-After header, rounded up).
+        self.retry_after_s = retry_after_s
+
+
 class TaskNotFound(SdasyncError):
     code = "task_not_found"
     http_status = 404
@@ -81,6 +104,16 @@ class TaskConflict(SdasyncError):
         super().__init__(message, **details)
         #: The task as it is now, when the backend could tell, else None.
         self.current: Task | None = current
+
+
+class RecordConflict(SdasyncError):
+    code = "conflict"
+    http_status = 409
+
+    def __init__(self, message: str, *, current: Record | None = None, **details: Any) -> None:
+        super().__init__(message, **details)
+        #: The record as it is now (None: absent), when the backend could tell.
+        self.current: Record | None = current
 
 
 class BlobNotFound(SdasyncError):

@@ -22,11 +22,14 @@ lease has passed (``TaskStore.transition(..., lease_expired_before=now)``), so a
 from __future__ import annotations
 
 import enum
+import re
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from sdasync.outbox import Outbox, as_outbox
 
 
 class TaskStatus(enum.StrEnum):
@@ -122,11 +125,16 @@ class AttemptRecord:
     ended_at: float | None
     outcome: Outcome
     error: TaskError | None = None
+    #: Seconds the engine spent on this attempt (GPU time, for usage accounting); None when it never ran.
+    engine_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"attempt": self.attempt, "worker": self.worker, "started_at": self.started_at,
+        data = {"attempt": self.attempt, "worker": self.worker, "started_at": self.started_at,
                 "ended_at": self.ended_at, "outcome": str(self.outcome),
                 "error": None if self.error is None else self.error.to_dict()}
+        if self.engine_s is not None:
+            data["engine_s"] = self.engine_s
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AttemptRecord:
@@ -142,7 +150,7 @@ class AttemptRecord:
                        started_at=_optional_float(data.get("started_at", data.get("startedAt"))),
                        ended_at=_optional_float(data.get("ended_at", data.get("endedAt"))), outcome=outcome,
                        error=None if error is None else error if isinstance(error, TaskError)
-                       else TaskError.from_dict(error))
+                       else TaskError.from_dict(error), engine_s=_optional_float(data.get("engine_s")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{_HISTORY_SHAPE}: {exc}") from exc
 
@@ -190,8 +198,14 @@ def _task_progress(value: Any) -> TaskProgress | None:
 #: Fields of a Task that a transition may change (besides status and updated_at, which it always sets).
 MUTABLE_FIELDS = frozenset(
     {"attempts", "started_at", "finished_at", "images", "info", "error", "progress", "worker", "lease_until",
-     "history"}
+     "history", "outbox"}
 )
+#: What a tenant's name may be: it prefixes blob keys and index keys, so nothing that needs escaping.
+TENANT_FORMAT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}", re.ASCII)
+#: Keys of ``Task.extra`` that sdasync itself sets at submission (the rest is free for future use).
+DEADLINE_KEY = "deadline"
+KEY_ID_KEY = "key_id"
+MAX_ACTIVE_KEY = "max_active"
 
 
 @dataclass(frozen=True)
@@ -217,17 +231,36 @@ class Task:
     lease_until: float | None = None
     #: One record per finished attempt, oldest first. The worker writes the whole tuple; stores only keep it.
     history: tuple[AttemptRecord, ...] = ()
+    #: The tenant that owns the task ("": none, tasks submitted without API keys). Set at creation, never changed.
+    tenant: str = ""
+    #: The ``completed`` webhook event this task owes, set in the write that finishes it (see ``outbox``).
+    outbox: Outbox | None = None
 
     def __post_init__(self) -> None:
         # Stores build tasks from plain data (decoded JSON, DynamoDB maps): the records and the progress become
         # their types here, once, so every store reads the same way and keeps working with dicts.
         object.__setattr__(self, "history", tuple(history_records(self.history)))
         object.__setattr__(self, "progress", _task_progress(self.progress))
+        object.__setattr__(self, "outbox", as_outbox(self.outbox))
 
     @classmethod
-    def new(cls, api: Api, payload: dict[str, Any], *, now: float | None = None) -> Task:
+    def new(cls, api: Api, payload: dict[str, Any], *, now: float | None = None, tenant: str = "",
+            extra: Mapping[str, Any] | None = None, task_id: str | None = None) -> Task:
         ts = time.time() if now is None else now
-        return cls(task_id=new_task_id(), api=api, payload=payload, created_at=ts, updated_at=ts)
+        return cls(task_id=task_id or new_task_id(), api=api, payload=payload, created_at=ts, updated_at=ts,
+                   tenant=tenant, extra=dict(extra or {}))
+
+    @property
+    def deadline(self) -> float | None:
+        """Epoch seconds by which the task must be finished, else it ends ``cancelled`` with reason
+        ``deadline``."""
+        value = self.extra.get(DEADLINE_KEY)
+        return None if value is None else float(value)
+
+    @property
+    def gpu_seconds(self) -> float:
+        """Engine time over all attempts."""
+        return sum(record.engine_s or 0.0 for record in self.history)
 
     def with_changes(self, status: TaskStatus, changes: Mapping[str, Any], now: float) -> Task:
         unknown = set(changes) - MUTABLE_FIELDS
@@ -279,6 +312,9 @@ def plain_field(name: str, value: Any) -> Any:
         return None if value is None else str(value)
     if name == "history":
         return [record.to_dict() for record in history_records(value)]
+    if name == "outbox":
+        outbox = as_outbox(value)
+        return None if outbox is None else outbox.to_dict()
     raise ValueError(f"not a mutable task field: {name!r}")
 
 

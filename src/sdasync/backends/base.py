@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Self, runtime_checkable
 
 from sdasync.models import Task, TaskStatus, WorkerRecord
+from sdasync.outbox import Outbox
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,25 @@ class TaskStore(Protocol):
         (with ``current`` set to the task as it is) when the condition does not hold, BackendError."""
         ...
 
-    def list(self, *, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None) -> TaskPage:
-        """Tasks newest first, optionally of one status. Raises RequestError for a bad cursor, BackendError."""
+    def list(self, *, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None,
+             tenant: str | None = None) -> TaskPage:
+        """Tasks newest first, optionally of one status. ``tenant=None``: every task (operators); a string: only
+        that tenant's, read through a tenant-keyed index (never a filter after the query), ``""`` included (the
+        tasks of key-less mode). A cursor is valid only with the same status and tenant. Raises RequestError for
+        a bad cursor, BackendError."""
+        ...
+
+    def due_outbox(self, *, before: float, limit: int = 100) -> builtins.list[Task]:
+        """Up to ``limit`` tasks whose outbox is due (``outbox.due_at`` before ``before``), soonest first, read
+        through an index of pending outboxes only. Raises ValueError for a limit outside 1..1000, BackendError."""
+        ...
+
+    def update_outbox(self, task_id: str, outbox: Outbox, *, expected: Outbox) -> Task:
+        """Replace the task's outbox if it is still ``expected`` (same ``event_id`` and ``version``): a
+        compare-and-set, so two dispatchers never both claim or record one try. The outbox is written with
+        ``version = expected.version + 1`` whatever ``outbox.version`` says. Leaves status and ``updated_at``
+        alone, and the due index follows ``outbox.due_at`` (None: the task leaves it). Raises TaskNotFound,
+        TaskConflict (``current`` set) when the outbox moved on, BackendError."""
         ...
 
     def stale(self, *, status: TaskStatus, updated_before: float, limit: int = 100) -> builtins.list[Task]:
