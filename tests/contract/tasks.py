@@ -23,7 +23,7 @@ def next_id() -> str:
 
 
 def make_task(clock: FakeClock, *, status: TaskStatus = Q, created_at: float | None = None,
-              task_id: str | None = None) -> Task:
+              task_id: str | None = None, tenant: str = "") -> Task:
     now = clock() if created_at is None else created_at
     return Task(task_id=task_id or next_id(), api=Api.TXT2IMG, payload={"prompt": "a cat"},
-                status=status, created_at=now, updated_at=now)
+                status=status, created_at=now, updated_at=now, tenant=tenant)

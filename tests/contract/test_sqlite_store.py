@@ -1,20 +1,24 @@
-"""SqliteTaskStore beyond the contract: its URL, its file shared with the queue, the upgrade of old files."""
+"""SqliteTaskStore beyond the contract: its URL, its file shared with the queue, the upgrade of old files, the
+indexes its listings read, the pruning of expired records."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from sdasync.backends.sqlite import records as record_rows
 from sdasync.backends.sqlite.queue import SqliteQueue
-from sdasync.backends.sqlite.store import SqliteTaskStore
+from sdasync.backends.sqlite.store import ADDED_INDEXES, SqliteTaskStore
 from sdasync.errors import BackendError, ConfigError, RequestError
 from sdasync.models import Api, Task, TaskError, TaskProgress, TaskStatus
+from sdasync.outbox import Event, Outbox
 
 from .backends import FakeClock
-from .tasks import RECORD, F, Q, R, make_task
+from .tasks import RECORD, F, Q, R, S, make_task
 
 
 def test_sqlite_store_from_url_parses_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,7 +109,9 @@ def test_sqlite_store_upgrades_a_file_of_the_old_schema(tmp_path: Path, clock: F
         old = store.get("old-1")
         assert (old.status, old.attempts, old.images, old.progress, old.worker) == (
             R, 1, ("a/0.png",), TaskProgress(fraction=0.5), "w-old")
-        assert (old.lease_until, old.history) == (None, ())
+        assert (old.lease_until, old.history, old.tenant, old.outbox) == (None, (), "", None)
+        assert [t.task_id for t in store.list(tenant="", limit=10).tasks] == ["old-1"]
+        assert store.due_outbox(before=clock()) == []
         # A lease-conditional claim works on the upgraded rows: no lease counts as an expired one.
         taken = store.transition("old-1", expected={R}, to=R, attempt=1, lease_expired_before=clock(),
                                  changes={"attempts": 2, "lease_until": clock() + 60, "history": (RECORD,)})
@@ -116,12 +122,14 @@ def test_sqlite_store_upgrades_a_file_of_the_old_schema(tmp_path: Path, clock: F
 
     with sqlite3.connect(path) as conn:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         # A process of the old version, still running, can go on inserting rows: the new columns have defaults.
         _insert_old_row(conn, "old-2", status=Q)
     conn.close()
-    assert {"lease_until", "history"} <= columns
+    assert {"lease_until", "history", "tenant", "outbox", "outbox_due"} <= columns
+    assert set(ADDED_INDEXES) <= indexes
     with SqliteTaskStore(path=path, clock=clock) as store:
-        assert (store.get("old-2").lease_until, store.get("old-2").history) == (None, ())
+        assert (store.get("old-2").lease_until, store.get("old-2").history, store.get("old-2").tenant) == (None, (), "")
         assert store.get("old-1") == taken
 
 
@@ -163,3 +171,70 @@ def test_sqlite_upgrade_tolerates_columns_added_behind_its_back(tmp_path: Path, 
 
     with SqliteTaskStore(path=path, clock=clock) as store:
         assert store.get("t").history == ()
+
+
+def _plans(store: SqliteTaskStore, run: Callable[[], object]) -> list[str]:
+    """The query plans of the SELECTs that ``run`` makes the store execute (through its own connection)."""
+    statements: list[str] = []
+    with store._db.read() as conn:  # this thread's connection: the one ``run`` uses below
+        conn.set_trace_callback(statements.append)
+        try:
+            run()
+        finally:
+            conn.set_trace_callback(None)
+        selects = [sql for sql in statements if sql.lstrip().upper().startswith("SELECT") and "FROM tasks" in sql]
+        return [" | ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")) for sql in selects]
+
+
+def test_tenant_listings_and_due_outboxes_walk_their_indexes(tmp_path: Path, clock: FakeClock) -> None:
+    with SqliteTaskStore(path=tmp_path / "s.db", clock=clock) as store:
+        for i in range(6):
+            store.create(make_task(clock, created_at=clock() + i, tenant=("acme", "zeta")[i % 2]))
+        cursor = store.list(tenant="acme", status=Q, limit=1).next_cursor
+        plans = {
+            "tasks_tenant_newest": lambda: store.list(tenant="acme", limit=2),
+            "tasks_tenant_status_newest": lambda: store.list(tenant="acme", status=Q, limit=1, cursor=cursor),
+            "tasks_outbox_due": lambda: store.due_outbox(before=clock()),
+        }
+        for index, run in plans.items():
+            (plan,) = _plans(store, run)
+            assert index in plan
+            assert "TEMP B-TREE" not in plan  # read in the index's order: no sort of the tenant's rows
+
+
+def test_update_outbox_keeps_the_due_column_in_step(tmp_path: Path, clock: FakeClock) -> None:
+    with SqliteTaskStore(path=tmp_path / "s.db", clock=clock) as store:
+        task = make_task(clock)
+        store.create(task)
+        outbox = Outbox(event_id="msg_1", event=Event.COMPLETED, created_at=clock(), due_at=clock() + 5)
+        store.transition(task.task_id, expected={Q}, to=R)
+        store.transition(task.task_id, expected={R}, to=S, changes={"outbox": outbox})
+        store.update_outbox(task.task_id, Outbox(event_id="msg_1", event=Event.COMPLETED, created_at=clock()),
+                            expected=outbox)
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        (due, version), = conn.execute("SELECT outbox_due, json_extract(outbox, '$.version') FROM tasks").fetchall()
+    conn.close()
+    assert (due, version) == (None, 1)
+
+
+def test_writes_prune_expired_records_a_batch_at_a_time(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "s.db"
+    expiring = record_rows.PRUNE_BATCH + 20
+    with SqliteTaskStore(path=path, clock=clock) as store:
+        for i in range(expiring):
+            store.put_record("bucket", f"b{i:04d}", {}, version=None, expires_at=clock() + 10)
+        store.put_record("apikey", "kept", {}, version=None)
+        clock.advance(11)
+
+        def rows() -> int:
+            with sqlite3.connect(path) as conn:
+                (count,), = conn.execute("SELECT count(*) FROM records").fetchall()
+            conn.close()
+            return int(count)
+
+        assert rows() == expiring + 1  # expired, but nothing has written since
+        store.put_record("apikey", "new", {}, version=None)
+        assert rows() == expiring + 2 - record_rows.PRUNE_BATCH  # one bounded batch per write
+        store.delete_record("apikey", "new")
+        assert rows() == 1
+        assert store.get_record("apikey", "kept") is not None

@@ -15,11 +15,13 @@ pytest.importorskip("boto3")
 import boto3
 
 from sdasync.backends.aws.dynamodb import DynamoTaskStore
-from sdasync.errors import BackendRefused, ConfigError, RequestError, TaskConflict, TaskNotFound
+from sdasync.errors import BackendRefused, ConfigError, RecordConflict, RequestError, TaskConflict, TaskNotFound
 from sdasync.models import Api, AttemptRecord, Task, TaskError, TaskStatus
+from sdasync.outbox import Event, Outbox
 
 DAY = 86400.0
 Q, R, S = TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.SUCCEEDED
+OUTBOX = Outbox(event_id="msg_0123", event=Event.COMPLETED, created_at=1_700_000_010.0, due_at=1_700_000_010.0)
 
 
 @pytest.fixture
@@ -80,9 +82,11 @@ def test_a_table_made_by_hand_works_and_ensure_adds_indexes_and_ttl(raw: Any, ta
         indexes = {index["IndexName"]: index for index in table["GlobalSecondaryIndexes"]}
         assert {name: [key["AttributeName"] for key in index["KeySchema"]] for name, index in indexes.items()} == {
             "byCreated": ["listAll", "listKey"], "byStatus": ["status", "listKey"],
-            "byUpdated": ["status", "updatedAt"]}
+            "byUpdated": ["status", "updatedAt"], "byTenant": ["tenant", "listKey"],
+            "byTenantStatus": ["tenantStatus", "listKey"], "byOutboxDue": ["outboxPart", "outboxDue"]}
         assert {name: index["Projection"]["ProjectionType"] for name, index in indexes.items()} == {
-            "byCreated": "ALL", "byStatus": "ALL", "byUpdated": "KEYS_ONLY"}
+            "byCreated": "ALL", "byStatus": "ALL", "byUpdated": "KEYS_ONLY", "byTenant": "ALL",
+            "byTenantStatus": "ALL", "byOutboxDue": "KEYS_ONLY"}
         assert all(index["IndexStatus"] == "ACTIVE" for index in indexes.values())
         ttl = raw.describe_time_to_live(TableName=table_name)["TimeToLiveDescription"]
         assert (ttl["TimeToLiveStatus"], ttl["AttributeName"]) == ("ENABLED", "expiresAt")
@@ -100,7 +104,7 @@ def test_ensure_creates_the_table_and_a_second_call_only_reads(raw: Any, table_n
         assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
         assert table["KeySchema"] == [{"AttributeName": "taskId", "KeyType": "HASH"}]
         assert {index["IndexName"] for index in table["GlobalSecondaryIndexes"]} == {
-            "byCreated", "byStatus", "byUpdated"}
+            "byCreated", "byStatus", "byUpdated", "byTenant", "byTenantStatus", "byOutboxDue"}
 
         calls = record_calls(store.client)
         store.ensure()
@@ -320,3 +324,185 @@ def test_integral_floats_get_a_sidecar_attribute(raw: Any, table_name: str) -> N
         item = raw.get_item(TableName=table_name, Key={"taskId": {"S": "floats"}}, ConsistentRead=True)["Item"]
         assert not {"progress", "progressFloats", "infoFloats"} & set(item)
         assert type(store.get("floats").info["cfg_scale"]) is int  # type: ignore[index]
+
+
+# Issue 9: records, tenants and outboxes in the same table --------------------------------------------------------
+
+def raw_item(raw: Any, table: str, key: str) -> dict[str, Any]:
+    item: dict[str, Any] = raw.get_item(TableName=table, Key={"taskId": {"S": key}}, ConsistentRead=True).get(
+        "Item", {})
+    return item
+
+
+def test_records_are_items_no_task_read_can_reach(raw: Any, table_name: str) -> None:
+    from sdasync.backends.records import Record
+
+    clock = Clock()
+    with DynamoTaskStore(table=table_name, clock=clock) as store:
+        store.ensure()
+        store.put_record("apikey", "acme#k1", {"tenant": "acme", "rate": 2.0}, version=None,
+                         expires_at=clock.now + 60.5)
+        store.create(make_task("t1"))
+
+        item = raw_item(raw, table_name, "rec#apikey#acme#k1")
+        assert (item["listAll"], item["listKey"], item["version"]) == (
+            {"S": "rec#apikey"}, {"S": "acme#k1"}, {"N": "1"})
+        assert item["data"] == {"S": '{"tenant":"acme","rate":2.0}'}  # one JSON string: 2.0 stays a float
+        assert Decimal(item["expiresAt"]["N"]) == Decimal("1700000060.5")
+        assert not {"status", "tenant", "tenantStatus", "outboxPart", "updatedAt"} & set(item)
+        for read in (lambda: store.get("rec#apikey#acme#k1"),
+                     lambda: store.transition("rec#apikey#acme#k1", expected={Q}, to=R),
+                     lambda: store.update_outbox("rec#apikey#acme#k1", OUTBOX, expected=OUTBOX)):
+            with pytest.raises(TaskNotFound):
+                read()
+        with pytest.raises(BackendRefused, match="reserved"):
+            store.create(make_task("rec#apikey#acme#k1"))
+        assert not store.delete("rec#apikey#acme#k1")
+        assert [t.task_id for t in store.list().tasks] == ["t1"]
+        assert [t.task_id for t in store.list(tenant="").tasks] == ["t1"]
+        assert store.get_record("apikey", "acme#k1") == Record(
+            kind="apikey", key="acme#k1", data={"tenant": "acme", "rate": 2.0}, expires_at=1_700_000_060.5)
+
+
+def test_an_expired_record_that_ttl_has_not_deleted_yet_is_absent_and_can_be_created(raw: Any,
+                                                                                     table_name: str) -> None:
+    clock = Clock()
+    with DynamoTaskStore(table=table_name, clock=clock) as store:
+        store.ensure()
+        store.put_record("idem", "a", {"task": "t1"}, version=None, expires_at=clock.now + 10)
+        store.put_record("idem", "b", {"task": "t2"}, version=None)
+        clock.now += 10  # expiring now is expired; DynamoDB's TTL has not deleted the item (moto never does)
+
+        assert "Item" in raw.get_item(TableName=table_name, Key={"taskId": {"S": "rec#idem#a"}})
+        assert store.get_record("idem", "a") is None
+        assert [r.key for r in store.list_records("idem").records] == ["b"]
+        assert not store.delete_record("idem", "a")
+        with pytest.raises(RecordConflict) as caught:
+            store.put_record("idem", "a", {"task": "t3"}, version=1)  # a replace needs a live record
+        assert caught.value.current is None
+        again = store.put_record("idem", "a", {"task": "t3"}, version=None)
+        assert (again.version, again.expires_at) == (1, None)
+        assert "expiresAt" not in raw_item(raw, table_name, "rec#idem#a")  # kept until deleted now
+
+
+def test_tenant_attributes_follow_every_transition(raw: Any, table_name: str) -> None:
+    with DynamoTaskStore(table=table_name) as store:
+        store.ensure()
+        store.create(make_task("a1", tenant="acme"))
+        store.create(make_task("n1"))
+        assert (raw_item(raw, table_name, "a1")["tenant"], raw_item(raw, table_name, "a1")["tenantStatus"]) == (
+            {"S": "acme"}, {"S": "acme#queued"})
+        # Tenant "" has a token, since an index key cannot be empty: its tasks can be listed too.
+        assert (raw_item(raw, table_name, "n1")["tenant"], raw_item(raw, table_name, "n1")["tenantStatus"]) == (
+            {"S": "-"}, {"S": "-#queued"})
+
+        store.transition("a1", expected={Q}, to=R, changes={"attempts": 1})
+        assert raw_item(raw, table_name, "a1")["tenantStatus"] == {"S": "acme#running"}
+        assert [t.task_id for t in store.list(tenant="acme", status=R).tasks] == ["a1"]
+        assert store.list(tenant="acme", status=Q).tasks == []
+        assert [t.task_id for t in store.list(tenant="").tasks] == ["n1"]
+        with pytest.raises(BackendRefused, match="invalid tenant"):
+            store.create(make_task("bad", tenant="-"))  # would pass for tenant ""
+
+
+def test_a_task_of_an_older_version_joins_tenant_listings_at_its_next_transition(raw: Any, table_name: str) -> None:
+    with DynamoTaskStore(table=table_name) as store:
+        store.ensure()
+        item = task_item("old")
+        raw.put_item(TableName=table_name, Item=item)  # as written before tenants: neither tenant nor tenantStatus
+        assert store.get("old").tenant == ""
+        assert store.list(tenant="").tasks == []
+
+        with DynamoTaskStore(table=table_name) as fresh:  # knows nothing of the task: reads its tenant first
+            calls = record_calls(fresh.client)
+            fresh.transition("old", expected={Q}, to=R, changes={"attempts": 1})
+            assert calls == ["GetItem", "UpdateItem"]
+            calls.clear()
+            fresh.transition("old", expected={R}, to=R, attempt=1, changes={"progress": {"fraction": 0.5}})
+            assert calls == ["UpdateItem"]  # then remembered: one write per transition, as before
+
+        assert (raw_item(raw, table_name, "old")["tenant"], raw_item(raw, table_name, "old")["tenantStatus"]) == (
+            {"S": "-"}, {"S": "-#running"})
+        assert [t.task_id for t in store.list(tenant="", status=R).tasks] == ["old"]
+
+
+def test_a_transition_with_a_stale_tenant_in_memory_writes_the_tenant_the_item_has(raw: Any,
+                                                                                   table_name: str) -> None:
+    with DynamoTaskStore(table=table_name) as store, DynamoTaskStore(table=table_name) as other:
+        store.ensure()
+        store.create(make_task("reused", tenant="acme"))
+        other.delete("reused")
+        other.create(make_task("reused", tenant="zeta"))  # the same id, another tenant, behind store's back
+
+        moved = store.transition("reused", expected={Q}, to=R, changes={"attempts": 1})
+
+        assert moved.tenant == "zeta"
+        assert raw_item(raw, table_name, "reused")["tenantStatus"] == {"S": "zeta#running"}
+        assert [t.task_id for t in store.list(tenant="zeta", status=R).tasks] == ["reused"]
+        assert store.list(tenant="acme").tasks == []
+        with pytest.raises(TaskConflict) as caught:  # a real conflict is still one, after the retry
+            store.transition("reused", expected={Q}, to=R)
+        assert caught.value.current == moved
+
+
+def test_the_outbox_is_a_map_and_the_due_index_follows_its_due_time(raw: Any, table_name: str) -> None:
+    from dataclasses import replace
+
+    from sdasync.outbox import DeliveryAttempt, OutboxState
+
+    with DynamoTaskStore(table=table_name) as store:
+        store.ensure()
+        store.create(make_task("hooked", status=R, attempts=1))
+        done = store.transition("hooked", expected={R}, to=S, changes={"outbox": OUTBOX})
+
+        item = raw_item(raw, table_name, "hooked")
+        assert (item["outboxPart"], Decimal(item["outboxDue"]["N"])) == ({"S": "due"}, Decimal("1700000010"))
+        assert item["outbox"]["M"]["event_id"] == {"S": OUTBOX.event_id}
+        assert store.get("hooked").outbox == OUTBOX  # integral floats read back as floats, without a sidecar
+        assert [t.task_id for t in store.due_outbox(before=1_700_000_010.5)] == ["hooked"]
+
+        tried = OUTBOX.tried(DeliveryAttempt(at=1_700_000_011.0, status=500, error="HTTP 500"),
+                             due_at=1_700_000_020.0, state=OutboxState.PENDING)
+        calls = record_calls(store.client)
+        later = store.update_outbox("hooked", tried, expected=OUTBOX)
+        assert calls == ["UpdateItem"]
+        assert later.outbox == replace(tried, version=1)
+        assert (later.status, later.updated_at) == (done.status, done.updated_at)
+        assert Decimal(raw_item(raw, table_name, "hooked")["outboxDue"]["N"]) == Decimal("1700000020")
+        assert store.due_outbox(before=1_700_000_010.5) == []
+
+        delivered = later.outbox.tried(DeliveryAttempt(at=1_700_000_021.0, status=200), due_at=None,
+                                       state=OutboxState.DELIVERED)
+        store.update_outbox("hooked", delivered, expected=later.outbox)
+        assert not {"outboxPart", "outboxDue"} & set(raw_item(raw, table_name, "hooked"))
+        with pytest.raises(TaskConflict) as caught:
+            store.update_outbox("hooked", delivered, expected=later.outbox)  # version 1 is gone
+        assert caught.value.current is not None and caught.value.current.outbox == replace(delivered, version=2)
+        with pytest.raises(TaskNotFound):
+            store.update_outbox("nope", delivered, expected=later.outbox)
+
+
+def test_ensure_adds_the_tenant_and_outbox_indexes_to_a_table_of_an_older_version(raw: Any,
+                                                                                 table_name: str) -> None:
+    create_like_an_older_bootstrap(raw, table_name)
+    with DynamoTaskStore(table=table_name) as store:
+        store.ensure()  # adds byUpdated, then the three of issue 9, one UpdateTable each
+        store.create(make_task("t1", tenant="acme"))
+
+        table = raw.describe_table(TableName=table_name)["Table"]
+        assert {i["IndexName"] for i in table["GlobalSecondaryIndexes"]} >= {"byTenant", "byTenantStatus",
+                                                                            "byOutboxDue"}
+        assert {d["AttributeName"]: d["AttributeType"] for d in table["AttributeDefinitions"]} == {
+            "taskId": "S", "listAll": "S", "listKey": "S", "status": "S", "updatedAt": "N", "tenant": "S",
+            "tenantStatus": "S", "outboxPart": "S", "outboxDue": "N"}
+        assert [t.task_id for t in store.list(tenant="acme").tasks] == ["t1"]
+        calls = record_calls(store.client)
+        store.ensure()
+        assert calls and all(call.startswith("Describe") for call in calls), calls
+
+
+def task_item(task_id: str) -> dict[str, Any]:
+    return {"taskId": {"S": task_id}, "api": {"S": "/sdapi/v1/txt2img"}, "status": {"S": "queued"},
+            "payload": {"M": {}}, "createdAt": {"N": "1700000000"}, "updatedAt": {"N": "1700000000"},
+            "attempts": {"N": "0"}, "images": {"L": []}, "extra": {"M": {}}, "listAll": {"S": "tasks"},
+            "listKey": {"S": f"0001700000000.000000#{task_id}"}}

@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("boto3")
 
 from sdasync.backends.aws.dynamo_items import (
+    change_attrs,
     decode_cursor,
     deserialize,
     encode_change,
@@ -22,12 +23,16 @@ from sdasync.backends.aws.dynamo_items import (
     restore_floats,
     serialize,
     task_to_item,
+    tenant_token,
     transition_condition,
     update_expression,
 )
+from sdasync.backends.aws.dynamo_records import encode_data, item_to_record, record_key
+from sdasync.backends.aws.dynamo_tenants import TenantCache, listing_index, tenant_condition, token_of_item
 from sdasync.backends.aws.dynamodb import DynamoTaskStore
 from sdasync.errors import ConfigError, RequestError
 from sdasync.models import Api, AttemptRecord, Task, TaskError, TaskStatus
+from sdasync.outbox import DeliveryAttempt, Event, Outbox, OutboxState
 
 DAY = 86400.0
 
@@ -38,6 +43,9 @@ NESTED: dict[str, Any] = {
     "alwayson_scripts": {"controlnet": {"args": [{"enabled": True, "weight": 1.5, "image": None}]}},
 }
 
+
+OUTBOX = Outbox(event_id="msg_1", event=Event.COMPLETED, created_at=1_700_000_000.0, due_at=1_700_000_030.0,
+                attempts=(DeliveryAttempt(at=1_700_000_001.0, status=None, error="refused"),), version=3)
 
 HISTORY = (
     {"attempt": 1, "worker": "host-0:9", "started_at": 1_700_000_000.5, "ended_at": 1_700_000_000.75,
@@ -61,6 +69,7 @@ def full_task() -> Task:
     full_task(),
     Task(task_id="minimal", api=Api.TXT2IMG, payload={}, created_at=1_700_000_000.0, updated_at=1_700_000_000.0),
     Task(task_id="zero", api=Api.TXT2IMG, payload={"a": 1}, info={}, progress={}, images=()),
+    Task(task_id="tenant", api=Api.TXT2IMG, payload={}, tenant="acme-2", outbox=OUTBOX, status=TaskStatus.SUCCEEDED),
 ])
 def test_a_task_survives_the_round_trip(task: Task) -> None:
     got = item_to_task(task_to_item(task, retention_s=30 * DAY))
@@ -246,6 +255,84 @@ def test_cursor_round_trip_and_refusals() -> None:
     for forged in (encode_cursor("x#abc", "abc", None), encode_cursor(key, "other", None)):
         with pytest.raises(RequestError):
             decode_cursor(forged, None)
+
+
+def test_a_cursor_belongs_to_its_tenant_filter() -> None:
+    key = list_key(1_700_000_000.5, "abc")
+    cursor = encode_cursor(key, "abc", None, "acme")
+
+    assert decode_cursor(cursor, None, "acme") == (key, "abc")
+    for tenant in (None, "", "zeta"):
+        with pytest.raises(RequestError) as caught:
+            decode_cursor(cursor, None, tenant)
+        assert caught.value.field == "cursor"
+    with pytest.raises(RequestError):
+        decode_cursor(encode_cursor(key, "abc", None, None), None, "")  # "" is a tenant, not "no filter"
+
+
+def test_tenant_items_carry_a_token_and_tenant_status() -> None:
+    plain = {name: deserialize(value) for name, value in task_to_item(
+        Task(task_id="t", api=Api.TXT2IMG, payload={}, tenant="acme"), retention_s=DAY).items()}
+    blank = {name: deserialize(value) for name, value in task_to_item(
+        Task(task_id="t", api=Api.TXT2IMG, payload={}), retention_s=DAY).items()}
+
+    assert (plain["tenant"], plain["tenantStatus"]) == ("acme", "acme#queued")
+    assert (blank["tenant"], blank["tenantStatus"]) == ("-", "-#queued")
+    assert not {"outbox", "outboxPart", "outboxDue"} & set(plain)
+    for bad in ("-", "Acme", "a#b", "x" * 64):
+        with pytest.raises(ValueError, match="invalid tenant"):
+            tenant_token(bad)
+    assert token_of_item({}) == "-"  # an item of a version before tenants is tenant ""
+
+
+def test_listing_reads_the_tenant_indexes_only_for_a_tenant() -> None:
+    assert listing_index(None, None) == ("byCreated", "listAll", "tasks")
+    assert listing_index("queued", None) == ("byStatus", "status", "queued")
+    assert listing_index(None, "acme") == ("byTenant", "tenant", "acme")
+    assert listing_index("running", "") == ("byTenantStatus", "tenantStatus", "-#running")
+    # Only tenant "" may match an item without the attribute (and the transition then writes it).
+    assert "attribute_not_exists" in tenant_condition("-")[0]
+    assert "attribute_not_exists" not in tenant_condition("acme")[0]
+
+
+def test_an_outbox_change_sets_or_removes_the_due_index_keys() -> None:
+    sets, removes = change_attrs({"outbox": OUTBOX})
+    assert (sets["outboxPart"], sets["outboxDue"], sets["outbox"]["version"]) == ("due", 1_700_000_030.0, 3)
+    assert removes == []
+    settled = OUTBOX.tried(DeliveryAttempt(at=1.0, status=200), due_at=None, state=OutboxState.DELIVERED)
+    sets, removes = change_attrs({"outbox": settled})
+    assert "outboxPart" not in sets and set(removes) == {"outboxPart", "outboxDue"}
+    assert change_attrs({"outbox": None}) == ({}, ["outbox", "outboxPart", "outboxDue"])
+    item = task_to_item(Task(task_id="t", api=Api.TXT2IMG, payload={}, outbox=OUTBOX), retention_s=DAY)
+    assert (item["outboxPart"], item["outboxDue"]) == ({"S": "due"}, {"N": "1700000030.0"})
+
+
+def test_the_tenant_cache_forgets_the_least_recently_used() -> None:
+    cache = TenantCache(size=2)
+    cache.put("a", "acme")
+    cache.put("b", "-")
+    assert cache.get("a") == "acme"  # a is now the most recent
+    cache.put("c", "zeta")
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == ("acme", None, "zeta")
+    cache.forget("a")
+    assert cache.get("a") is None
+
+
+@pytest.mark.parametrize("data", [[1], {"k": (1, 2)}, {1: "int key"}, {"nan": math.nan}, {"s": {1, 2}},
+                                  {"big": "x" * (64 * 1024)}])
+def test_record_data_that_would_not_read_back_equal_is_refused(data: Any) -> None:
+    with pytest.raises(ValueError, match="record data"):
+        encode_data(data)
+
+
+def test_a_record_item_reads_back() -> None:
+    item = {**record_key("idem", "acme#h"), "listAll": {"S": "rec#idem"}, "listKey": {"S": "acme#h"},
+            "data": {"S": '{"task":"t1","n":1.0}'}, "version": {"N": "4"}, "expiresAt": {"N": "1700000000.25"}}
+    record = item_to_record(item)
+    assert (record.kind, record.key, record.data, record.version, record.expires_at) == (
+        "idem", "acme#h", {"task": "t1", "n": 1.0}, 4, 1_700_000_000.25)
+    assert type(record.data["n"]) is float
+    assert record_key("idem", "acme#h") == {"taskId": {"S": "rec#idem#acme#h"}}
 
 
 # DynamoTaskStore.from_url only parses ---------------------------------------------------------------------------

@@ -159,8 +159,8 @@ class TaskStore(Protocol):
         ...
 
     def due_outbox(self, *, before: float, limit: int = 100) -> builtins.list[Task]:
-        """Up to ``limit`` tasks whose outbox is due (``outbox.due_at`` before ``before``), soonest first, read
-        through an index of pending outboxes only. Raises ValueError for a limit outside 1..1000, BackendError."""
+        """Up to ``limit`` tasks whose outbox is due (``outbox.due_at`` strictly before ``before``), soonest first,
+        read through an index of pending outboxes only. Raises ValueError for a limit outside 1..1000, BackendError."""
         ...
 
     def update_outbox(self, task_id: str, outbox: Outbox, *, expected: Outbox) -> Task:

@@ -29,7 +29,7 @@ from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from sdasync.backends.cursor import decode_cursor as _decode
 from sdasync.backends.cursor import encode_cursor as _encode
 from sdasync.errors import RequestError
-from sdasync.models import Api, Task, TaskError, TaskStatus, plain_field
+from sdasync.models import TENANT_FORMAT, Api, Task, TaskError, TaskStatus, plain_field
 
 #: The table's partition key, as the original README created it (``sd_tasks``, ``taskId`` string).
 KEY = "taskId"
@@ -45,12 +45,26 @@ INDEX_UPDATED = "byUpdated"
 UPDATED_AT = "updatedAt"
 #: The TTL attribute (epoch seconds); DynamoDB deletes the item some time (up to days) after it passes.
 EXPIRES_AT = "expiresAt"
+#: A tenant's listings, newest first: partition ``TENANT`` (the tenant's token), sort ``LIST_KEY``; and by status,
+#: partition ``TENANT_STATUS`` = ``f"{token}#{status}"``, which every transition rewrites with ``status``.
+INDEX_TENANT = "byTenant"
+INDEX_TENANT_STATUS = "byTenantStatus"
+TENANT = "tenant"
+TENANT_STATUS = "tenantStatus"
+#: The token of tenant "" (key-less mode): an index key cannot be empty, and no TENANT_FORMAT name starts with "-".
+NO_TENANT = "-"
+#: The sparse index of due outboxes (keys only): partition ``OUTBOX_PART`` (always ``OUTBOX_PART_VALUE``), sort
+#: ``OUTBOX_DUE`` (epoch seconds), both present only while the task's ``outbox.due_at`` is set.
+INDEX_OUTBOX = "byOutboxDue"
+OUTBOX_PART = "outboxPart"
+OUTBOX_PART_VALUE = "due"
+OUTBOX_DUE = "outboxDue"
 
 #: Task field -> item attribute, for every field a transition may change.
 CHANGE_ATTRS: Mapping[str, str] = {
     "attempts": "attempts", "started_at": "startedAt", "finished_at": "finishedAt", "images": "images",
     "info": "info", "error": "error", "progress": "progress", "worker": "worker", "lease_until": "leaseUntil",
-    "history": "history",
+    "history": "history", "outbox": "outbox",
 }
 
 #: Task field -> item attribute, for the free-form fields whose integral floats get a sidecar (see the docstring).
@@ -72,6 +86,37 @@ def list_key(created_at: float, task_id: str) -> str:
     non-negative epoch time; the ``#`` always sits at the same position, so the id comparison starts only on equal
     times, as in SQLite's ``ORDER BY created_at DESC, task_id DESC``."""
     return f"{max(created_at, 0.0):020.6f}#{task_id}"
+
+
+def tenant_token(tenant: str) -> str:
+    """The value of a task's ``tenant`` attribute, and of its index partitions. Raises ValueError for a name
+    outside ``TENANT_FORMAT``: it could collide with the token of "" or split ``tenantStatus`` wrongly."""
+    if tenant == "":
+        return NO_TENANT
+    if not isinstance(tenant, str) or not TENANT_FORMAT.fullmatch(tenant):
+        raise ValueError(f"invalid tenant {tenant!r}: {TENANT_FORMAT.pattern}")
+    return tenant
+
+
+def tenant_of_token(token: Any) -> str:
+    """The tenant an item's ``tenant`` attribute names; absent (an item of a version before tenants) is ""."""
+    return "" if token is None or token == NO_TENANT else str(token)
+
+
+def tenant_status(token: str, status: str) -> str:
+    return f"{token}#{status}"
+
+
+def outbox_attrs(outbox: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """The due index's attributes to set and remove for a task whose outbox is now ``outbox`` (plain, or None).
+
+    The outbox itself is a plain map without a float sidecar: ``Outbox.from_dict`` makes its numbers floats and
+    ints again by itself. The index keys exist only while ``due_at`` is set, so delivered and abandoned outboxes
+    drop out of the sparse index and ``due_outbox`` costs what it returns."""
+    due = None if outbox is None else outbox.get("due_at")
+    if due is None:
+        return {}, [OUTBOX_PART, OUTBOX_DUE]
+    return {OUTBOX_PART: OUTBOX_PART_VALUE, OUTBOX_DUE: float(due)}, []
 
 
 def expires_at(from_time: float, retention_s: float) -> int:
@@ -164,6 +209,31 @@ def free_form(attr: str, value: Any) -> tuple[dict[str, Any], list[str]]:
     return ({attr: value, sidecar: paths}, []) if paths else ({attr: value}, [sidecar])
 
 
+def change_attrs(changes: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The attributes to set (plain values) and to remove for a transition's ``changes`` (checked field names).
+    Raises ValueError for a value of the wrong shape."""
+    sets: dict[str, Any] = {}
+    removes: list[str] = []
+    for field, value in changes.items():
+        encoded = encode_change(field, value)
+        if field in FREE_FORM_ATTRS:
+            # The field and its float sidecar change together.
+            field_sets, field_removes = free_form(CHANGE_ATTRS[field], encoded)
+            sets.update(field_sets)
+            removes.extend(field_removes)
+        # REMOVE rather than SET NULL: an unset field is an absent attribute, as task_to_item writes it.
+        elif encoded is None:
+            removes.append(CHANGE_ATTRS[field])
+        else:
+            sets[CHANGE_ATTRS[field]] = encoded
+        if field == "outbox":
+            # The due index follows the outbox in the same write.
+            index_sets, index_removes = outbox_attrs(encoded)
+            sets.update(index_sets)
+            removes.extend(index_removes)
+    return sets, removes
+
+
 def serialize(value: Any) -> dict[str, Any]:
     """One attribute value in DynamoDB's typed form (``{"M": ...}``). Raises ValueError when it cannot be."""
     try:
@@ -187,10 +257,13 @@ def encode_change(name: str, value: Any) -> Any:
 def task_to_item(task: Task, *, retention_s: float) -> dict[str, Any]:
     """The whole item for a new task, in typed form. Optional fields that are None are left out, not NULL, so
     ``attribute_exists`` means "set" and the item stays small. Raises ValueError for values DynamoDB rejects."""
+    token = tenant_token(task.tenant)
     plain: dict[str, Any] = {
         KEY: task.task_id,
         "api": str(Api(task.api)),
         "status": str(TaskStatus(task.status)),
+        TENANT: token,
+        TENANT_STATUS: tenant_status(token, str(TaskStatus(task.status))),
         "createdAt": float(task.created_at),
         UPDATED_AT: float(task.updated_at),
         LIST_ALL_ATTR: LIST_ALL_VALUE,
@@ -206,6 +279,7 @@ def task_to_item(task: Task, *, retention_s: float) -> dict[str, Any]:
             plain[attr] = value
     for field in ("payload", "extra"):
         plain.update(free_form(FREE_FORM_ATTRS[field], dict(getattr(task, field)))[0])
+    plain.update(outbox_attrs(plain.get(CHANGE_ATTRS["outbox"]))[0])
     return {name: serialize(value) for name, value in plain.items()}
 
 
@@ -238,8 +312,10 @@ def item_to_task(item: Mapping[str, Any]) -> Task:
         worker=plain.get("worker"),
         extra=plain.get("extra") or {},
         lease_until=number("leaseUntil"),
-        # Absent on items written before histories existed.
+        # Absent on items written before histories existed (and tenants, and outboxes).
         history=tuple(plain.get("history", ())),
+        tenant=tenant_of_token(plain.get(TENANT)),
+        outbox=plain.get("outbox"),
     )
 
 
@@ -288,17 +364,19 @@ def conflict_message(current: Task, statuses: Collection[str], attempt: int | No
     return f"task {current.task_id} is {current.status} (attempt {current.attempts}{lease}), expected {wanted}"
 
 
-def encode_cursor(sort_key: str, task_id: str, status: str | None) -> str:
-    """An opaque cursor: the last task's index position (enough to rebuild ExclusiveStartKey) and the status
-    filter of the listing it belongs to."""
-    return _encode({"k": sort_key, "t": task_id, "s": status})
+def encode_cursor(sort_key: str, task_id: str, status: str | None, tenant: str | None = None) -> str:
+    """An opaque cursor: the last task's index position (enough to rebuild ExclusiveStartKey) and the status and
+    tenant filters of the listing it belongs to."""
+    return _encode({"k": sort_key, "t": task_id, "s": status, "n": tenant})
 
 
-def decode_cursor(cursor: str, status: str | None) -> tuple[str, str]:
+def decode_cursor(cursor: str, status: str | None, tenant: str | None = None) -> tuple[str, str]:
     """The (listKey, taskId) a cursor names. Raises RequestError for anything this store did not hand out."""
-    sort_key, task_id, cursor_status = _decode(cursor, ("k", "t", "s"))
+    sort_key, task_id, cursor_status, cursor_tenant = _decode(cursor, ("k", "t", "s", "n"))
     if (not isinstance(sort_key, str) or not isinstance(task_id, str) or not _LIST_KEY_FORMAT.fullmatch(sort_key)
-            or not sort_key.endswith(f"#{task_id}") or cursor_status != status):
-        # A cursor from a listing of another status would start in another index partition: DynamoDB refuses it.
-        raise RequestError("invalid cursor (or one from a listing with another status filter)", field="cursor")
+            or not sort_key.endswith(f"#{task_id}") or cursor_status != status or cursor_tenant != tenant):
+        # A cursor from a listing of another status or tenant would start in another index partition (DynamoDB
+        # refuses it) or, worse, in another tenant's tasks.
+        raise RequestError("invalid cursor (or one from a listing with another status or tenant filter)",
+                           field="cursor")
     return sort_key, task_id

@@ -10,11 +10,13 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from sdasync.awsclient import error_code
-from sdasync.backends.aws.dynamo_items import KEY
+from sdasync.backends.aws.dynamo_items import INDEX_UPDATED, KEY, UPDATED_AT, item_to_task, serialize
 from sdasync.errors import ConfigError
+from sdasync.models import Task, TaskStatus
 
 #: BatchGetItem takes at most this many keys.
 BATCH_GET_MAX = 100
+MAX_LIMIT = 1000
 
 
 def query_items(client: Any, request: Mapping[str, Any], *, limit: int | None = None) -> list[dict[str, Any]]:
@@ -58,3 +60,22 @@ def batch_get(client: Any, table: str, ids: Collection[str]) -> list[dict[str, A
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
     return items
+
+
+def stale_tasks(client: Any, table: str, *, status: TaskStatus, updated_before: float, limit: int) -> list[Task]:
+    """``TaskStore.stale``: the keys-only ``byUpdated`` index, then a strong read of what it names. Raises
+    ValueError for a bad limit, ConfigError without the index."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be an integer in 1..{MAX_LIMIT}")
+    status_value = str(TaskStatus(status))
+    request: dict[str, Any] = {
+        "TableName": table, "IndexName": INDEX_UPDATED, "KeyConditionExpression": "#p = :p AND #u < :u",
+        "ExpressionAttributeNames": {"#p": "status", "#u": UPDATED_AT},
+        "ExpressionAttributeValues": {":p": {"S": status_value}, ":u": serialize(float(updated_before))},
+        "ScanIndexForward": True,  # oldest first
+    }
+    keys = query_items(client, request, limit=limit)
+    tasks = [item_to_task(item) for item in batch_get(client, table, [key[KEY]["S"] for key in keys])]
+    # The index lags the table on AWS: keep only what a strong read still finds stale.
+    found = [task for task in tasks if task.status == status_value and task.updated_at < updated_before]
+    return sorted(found, key=lambda task: (task.updated_at, task.task_id))

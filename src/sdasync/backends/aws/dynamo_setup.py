@@ -1,23 +1,28 @@
-"""What ``DynamoTaskStore.ensure()`` (``sdasync aws bootstrap``) creates: the table, its three indexes and TTL.
+"""What ``DynamoTaskStore.ensure()`` (``sdasync aws bootstrap``) creates: the table, its six indexes and TTL.
 
 - the table: partition key ``taskId`` (string), on-demand billing;
 - ``byCreated`` (partition ``listAll``, sort ``listKey``, projection ALL): every task newest first, and, under the
-  partition ``listAll = "workers"``, the worker registry;
+  partitions ``listAll = "workers"`` and ``"rec#<kind>"``, the worker registry and the records of each kind;
 - ``byStatus`` (partition ``status``, sort ``listKey``, projection ALL): the tasks of one status, newest first;
 - ``byUpdated`` (partition ``status``, sort ``updatedAt``, a number; projection KEYS_ONLY): the tasks of one status
   that have not changed since a time, oldest first, for the sweeper (``stale``). Keys only, because the sweeper
   reads a few ids per minute and a third full copy of every item would cost a write per task change for nothing;
+- ``byTenant`` (partition ``tenant``, sort ``listKey``, ALL) and ``byTenantStatus`` (partition ``tenantStatus``, sort
+  ``listKey``, ALL): one tenant's tasks newest first, of any status or of one;
+- ``byOutboxDue`` (partition ``outboxPart``, sort ``outboxDue``, a number; KEYS_ONLY): a sparse index of the tasks
+  whose webhook outbox is due, soonest first, for the dispatcher (``due_outbox``);
 - TTL on ``expiresAt``.
 
-An index missing from an existing table (one made by hand, or by a version before ``byUpdated``) is added, one per
-UpdateTable as DynamoDB requires, and backfilled from the items, which already carry its keys. Run again on a
-ready table, ``ensure_table`` only reads.
+An index missing from an existing table (one made by hand, or by an older version) is added, one per UpdateTable as
+DynamoDB requires, and backfilled from the items that carry its keys. Items written before tenants existed carry
+no ``tenant``: they are in no tenant listing until their next transition writes it (as tenant "", the only one
+they can have). Run again on a ready table, ``ensure_table`` only reads.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -26,11 +31,18 @@ from sdasync.awsclient import error_code
 from sdasync.backends.aws.dynamo_items import (
     EXPIRES_AT,
     INDEX_ALL,
+    INDEX_OUTBOX,
     INDEX_STATUS,
+    INDEX_TENANT,
+    INDEX_TENANT_STATUS,
     INDEX_UPDATED,
     KEY,
     LIST_ALL_ATTR,
     LIST_KEY,
+    OUTBOX_DUE,
+    OUTBOX_PART,
+    TENANT,
+    TENANT_STATUS,
     UPDATED_AT,
 )
 from sdasync.errors import BackendError, ConfigError
@@ -38,11 +50,19 @@ from sdasync.errors import BackendError, ConfigError
 #: index name -> (partition attribute, sort attribute)
 INDEXES: Mapping[str, tuple[str, str]] = {
     INDEX_ALL: (LIST_ALL_ATTR, LIST_KEY), INDEX_STATUS: ("status", LIST_KEY), INDEX_UPDATED: ("status", UPDATED_AT),
+    INDEX_TENANT: (TENANT, LIST_KEY), INDEX_TENANT_STATUS: (TENANT_STATUS, LIST_KEY),
+    INDEX_OUTBOX: (OUTBOX_PART, OUTBOX_DUE),
 }
 #: index name -> projection type
-PROJECTIONS: Mapping[str, str] = {INDEX_ALL: "ALL", INDEX_STATUS: "ALL", INDEX_UPDATED: "KEYS_ONLY"}
+PROJECTIONS: Mapping[str, str] = {
+    INDEX_ALL: "ALL", INDEX_STATUS: "ALL", INDEX_UPDATED: "KEYS_ONLY", INDEX_TENANT: "ALL",
+    INDEX_TENANT_STATUS: "ALL", INDEX_OUTBOX: "KEYS_ONLY",
+}
 #: Key attributes of the table and its indexes, with their DynamoDB types; the rest is schemaless.
-KEY_TYPES: Mapping[str, str] = {KEY: "S", LIST_ALL_ATTR: "S", LIST_KEY: "S", "status": "S", UPDATED_AT: "N"}
+KEY_TYPES: Mapping[str, str] = {
+    KEY: "S", LIST_ALL_ATTR: "S", LIST_KEY: "S", "status": "S", UPDATED_AT: "N", TENANT: "S", TENANT_STATUS: "S",
+    OUTBOX_PART: "S", OUTBOX_DUE: "N",
+}
 
 
 def ensure_table(client: Any, table: str, *, timeout_s: float) -> None:
@@ -97,8 +117,13 @@ def _add_index(client: Any, table: str, name: str, description: Mapping[str, Any
             "ReadCapacityUnits": max(1, int(throughput.get("ReadCapacityUnits") or 1)),
             "WriteCapacityUnits": max(1, int(throughput.get("WriteCapacityUnits") or 1)),
         }
+    # The table's own definitions (those of indexes not ours included) plus the new index's keys: DynamoDB wants
+    # every definition used by some key, and moto replaces the table's list with the one given.
+    definitions = [dict(d) for d in description.get("AttributeDefinitions", [])]
+    known = {d["AttributeName"] for d in definitions}
+    definitions += [d for d in _attribute_definitions({KEY, *INDEXES[name]}) if d["AttributeName"] not in known]
     try:
-        client.update_table(TableName=table, AttributeDefinitions=_attribute_definitions(),
+        client.update_table(TableName=table, AttributeDefinitions=definitions,
                             GlobalSecondaryIndexUpdates=[{"Create": spec}])
     except ClientError as exc:
         # Another process added it first: waiting for it is all that is left. (Another process adding some other
@@ -140,8 +165,9 @@ def _ensure_ttl(client: Any, table: str) -> None:
             raise
 
 
-def _attribute_definitions() -> list[dict[str, str]]:
-    return [{"AttributeName": name, "AttributeType": kind} for name, kind in KEY_TYPES.items()]
+def _attribute_definitions(names: Collection[str] | None = None) -> list[dict[str, str]]:
+    return [{"AttributeName": name, "AttributeType": kind} for name, kind in KEY_TYPES.items()
+            if names is None or name in names]
 
 
 def _index_spec(name: str) -> dict[str, Any]:

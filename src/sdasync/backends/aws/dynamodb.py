@@ -14,19 +14,23 @@ Items are plain attributes under the partition key ``taskId`` (string), the key 
 hand, so such a table works for create / get / transition as it is: ``api``, ``status``, ``payload`` (a map),
 ``createdAt`` / ``updatedAt`` / ``startedAt`` / ``finishedAt`` (epoch seconds), ``attempts``, ``images`` (a list of
 blob keys), ``info`` / ``progress`` / ``extra`` (maps), ``error`` (a map ``{code, message}``), ``worker``,
-``leaseUntil`` (epoch seconds), ``history`` (a list of maps, one per finished attempt), ``<field>Floats`` (which
-numbers of a free-form field are floats, see ``dynamo_items``), ``expiresAt`` (the TTL: creation + retention,
-restarted when the task reaches a terminal state, so a finished task stays readable for the whole retention, and
-when an operator's redrive takes it out of one), and the index keys below. Optional fields that are unset are
+``leaseUntil`` (epoch seconds), ``history`` (a list of maps, one per finished attempt), ``tenant`` (``"-"`` for
+tenant "") and ``tenantStatus`` (see ``dynamo_tenants``), ``outbox`` (a map) with the due index's ``outboxPart`` /
+``outboxDue`` (see ``dynamo_outbox``), ``<field>Floats`` (which numbers of a free-form field are floats, see
+``dynamo_items``), ``expiresAt`` (the TTL: creation + retention, restarted when the task reaches a terminal state,
+so a finished task stays readable for the whole retention, and when an operator's redrive takes it out of one),
+and the index keys below. Optional fields that are unset are
 absent. A task reads back equal to the one written, type for type (``1.0`` stays a float, ``1`` an int).
 
-The same table holds the worker registry (``put_worker`` / ``workers``), under keys ``worker#<id>`` that no task
-id can take and that no task listing or ``stale`` ever returns; see ``dynamo_workers``.
+The same table holds the worker registry (``put_worker`` / ``workers``) and the records (``RecordStore``), under
+keys ``worker#<id>`` and ``rec#<kind>#<key>`` that no task id can take and that no task read, listing, ``stale`` or
+``due_outbox`` ever returns; see ``dynamo_workers`` and ``dynamo_records``.
 
-Listing uses two global secondary indexes, both with projection ALL (a page is one Query, no GetItem per task):
+Listing uses global secondary indexes with projection ALL (a page is one Query, no GetItem per task):
 
 - ``byCreated``: partition ``listAll`` (always ``"tasks"``), sort ``listKey`` = ``f"{createdAt:020.6f}#{taskId}"``;
-- ``byStatus``: partition ``status``, sort ``listKey``: a transition moves the task between partitions by itself.
+- ``byStatus``: partition ``status``, sort ``listKey``: a transition moves the task between partitions by itself;
+- ``byTenant`` / ``byTenantStatus``: the same, within one tenant (``list(tenant=...)``; see ``dynamo_tenants``).
 
 ``stale`` queries a third, keys-only index ``byUpdated`` (partition ``status``, sort ``updatedAt``), then reads the
 tasks it names strongly (BatchGetItem) and keeps those that still match.
@@ -35,14 +39,16 @@ The constant ``listAll`` partition is deliberate: newest-first over all tasks is
 is a hot partition: every task write also writes that one index partition, which takes about 1,000 writes/s
 before it throttles (and an index that throttles throttles the table). Image generation runs at a few tasks per
 second per GPU, far below that. If it ever matters, shard it: ``listAll = f"tasks#{crc32(taskId) % N}"`` and merge
-N Queries by ``listKey`` (the cursor then holds N positions). ``byStatus`` has the same shape per status.
+N Queries by ``listKey`` (the cursor then holds N positions). ``byStatus`` has the same shape per status. The API's
+tenant listings read the tenant indexes, whose partitions are one per tenant.
 
 Consistency: ``get`` reads strongly (a worker claims a task right after the API wrote it), and ``transition`` is
 one UpdateItem with a ConditionExpression, so it is a compare-and-set. Index reads are eventually consistent on
 AWS: a task created a moment ago may be missing from ``list`` (or appear with its previous status) for a short
-while; moto is consistent. ``ensure()`` (``sdasync aws bootstrap``) creates the table with its three indexes and
-TTL, and adds what is missing to an existing table (one made by hand, or by a version before ``byUpdated``): see
-``dynamo_setup``. Without the indexes ``list``, ``stale`` and ``workers`` raise ConfigError.
+while; moto is consistent. ``ensure()`` (``sdasync aws bootstrap``) creates the table with its six indexes and
+TTL, and adds what is missing to an existing table (one made by hand, or by an older version): see
+``dynamo_setup``. Without the indexes ``list``, ``stale``, ``due_outbox``, ``workers`` and ``list_records`` raise
+ConfigError.
 
 Items are bounded by DynamoDB's 400 KB: the service moves payloads over 64 KB to the payload store; an item that
 is still too large is refused with BackendRefused.
@@ -54,50 +60,53 @@ import builtins
 import re
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from botocore.exceptions import ClientError
 
-from sdasync.awsclient import aws_client, error_code, translate_errors
+from sdasync.awsclient import aws_client, error_code
+from sdasync.backends.aws.dynamo_calls import dynamo_call, failed_item, refused
 from sdasync.backends.aws.dynamo_items import (
-    CHANGE_ATTRS,
     EXPIRES_AT,
-    FREE_FORM_ATTRS,
     INDEX_ALL,
-    INDEX_STATUS,
+    INDEX_OUTBOX,
     INDEX_UPDATED,
     KEY,
     LIST_ALL_ATTR,
-    LIST_ALL_VALUE,
     LIST_KEY,
     UPDATED_AT,
+    change_attrs,
     conflict_message,
     decode_cursor,
-    encode_change,
     encode_cursor,
     expires_at,
-    free_form,
     item_to_task,
     serialize,
     task_to_item,
+    tenant_token,
     transition_condition,
     update_expression,
 )
-from sdasync.backends.aws.dynamo_queries import batch_get, query_items
+from sdasync.backends.aws.dynamo_outbox import due_outbox, update_outbox
+from sdasync.backends.aws.dynamo_queries import query_items, stale_tasks
+from sdasync.backends.aws.dynamo_records import delete_record, get_record, is_reserved_key, list_records, put_record
 from sdasync.backends.aws.dynamo_setup import ensure_table
-from sdasync.backends.aws.dynamo_workers import (
-    WORKERS_PARTITION,
-    is_worker_key,
-    item_to_worker,
-    worker_key,
-    worker_to_item,
+from sdasync.backends.aws.dynamo_tenants import (
+    TenantCache,
+    listing_index,
+    read_token,
+    tenant_condition,
+    tenant_sets,
+    token_of_item,
 )
+from sdasync.backends.aws.dynamo_workers import WORKERS_PARTITION, item_to_worker, worker_key, worker_to_item
 from sdasync.backends.base import TaskPage, check_changes, check_transition
+from sdasync.backends.records import Record, RecordPage
 from sdasync.errors import BackendRefused, ConfigError, RequestError, TaskConflict, TaskNotFound
 from sdasync.models import TERMINAL, Task, TaskStatus, WorkerRecord
+from sdasync.outbox import Outbox
 from sdasync.urls import query_params
 
 MAX_LIMIT = 1000
@@ -125,6 +134,7 @@ class DynamoTaskStore:
         self._owns_client = client is None
         # boto3 clients are thread-safe; the lock only keeps threads from building two on first use.
         self._lock = threading.Lock()
+        self._tenants = TenantCache()
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Self:
@@ -149,12 +159,12 @@ class DynamoTaskStore:
     # TaskStore -------------------------------------------------------------------------------------------------
 
     def create(self, task: Task) -> None:
-        if is_worker_key(task.task_id):
-            raise BackendRefused(f"task id {task.task_id!r} is reserved for the worker registry")
-        with _refused():
+        if is_reserved_key(task.task_id):
+            raise BackendRefused(f"task id {task.task_id!r} is reserved for the worker registry and records")
+        with refused():
             item = task_to_item(task, retention_s=self.retention_s)
         old: Mapping[str, Any] | None = None
-        with self._call(f"create task {task.task_id}"):
+        with dynamo_call(f"create task {task.task_id}"):
             try:
                 self.client.put_item(
                     TableName=self.table, Item=item, ConditionExpression="attribute_not_exists(#key)",
@@ -163,124 +173,137 @@ class DynamoTaskStore:
             except ClientError as exc:
                 if error_code(exc) != "ConditionalCheckFailedException":
                     raise
-                old = _response(exc).get("Item") or {}
+                old = failed_item(exc)
         if old is not None:
             # ALL_OLD hands back the item that won, atomically; an empty one would mean it vanished meanwhile.
-            raise TaskConflict(f"task {task.task_id} already exists", current=item_to_task(old) if old else None)
+            raise TaskConflict(f"task {task.task_id} already exists", current=self._task(old) if old else None)
+        self._tenants.put(task.task_id, tenant_token(task.tenant))
 
     def get(self, task_id: str) -> Task:
-        if is_worker_key(task_id):
+        if is_reserved_key(task_id):
             raise TaskNotFound(f"task {task_id} not found")
-        with self._call(f"get task {task_id}"):
+        with dynamo_call(f"get task {task_id}"):
             # Strongly consistent: a worker reads the task right after the API wrote it.
             response = self.client.get_item(TableName=self.table, Key={KEY: {"S": task_id}}, ConsistentRead=True)
         if "Item" not in response:
             raise TaskNotFound(f"task {task_id} not found")
-        return item_to_task(response["Item"])
+        return self._task(response["Item"])
 
     def transition(self, task_id: str, *, expected: Collection[TaskStatus], to: TaskStatus,
                    attempt: int | None = None, changes: Mapping[str, Any] | None = None,
                    lease_expired_before: float | None = None) -> Task:
         check_transition(expected, to)
         changes = check_changes(changes)
-        if is_worker_key(task_id):
+        if is_reserved_key(task_id):
             raise TaskNotFound(f"task {task_id} not found")
         now = self._clock()
-        sets: dict[str, Any] = {"status": str(TaskStatus(to)), UPDATED_AT: float(now)}
-        removes: list[str] = []
-        for field, value in changes.items():
-            encoded = encode_change(field, value)
-            if field in FREE_FORM_ATTRS:
-                # The field and its float sidecar change together (see dynamo_items).
-                field_sets, field_removes = free_form(CHANGE_ATTRS[field], encoded)
-                sets.update(field_sets)
-                removes.extend(field_removes)
-            # REMOVE rather than SET NULL: an unset field is an absent attribute, as create() writes it.
-            elif encoded is None:
-                removes.append(CHANGE_ATTRS[field])
-            else:
-                sets[CHANGE_ATTRS[field]] = encoded
+        change_sets, removes = change_attrs(changes)
+        sets: dict[str, Any] = {"status": str(TaskStatus(to)), UPDATED_AT: float(now), **change_sets}
         if TaskStatus(to).is_terminal or any(TaskStatus(s).is_terminal for s in expected):
             # Retention counts from the end; a redrive restarts it too, lest an old failure expire mid-run.
             sets[EXPIRES_AT] = expires_at(now, self.retention_s)
-        with _refused():
-            update, names, values = update_expression(sets, removes)
         statuses = sorted({str(TaskStatus(s)) for s in expected})
-        condition, condition_names, condition_values = transition_condition(statuses, attempt, lease_expired_before)
-        names.update(condition_names)
-        values.update(condition_values)
+        condition = transition_condition(statuses, attempt, lease_expired_before)
 
-        old: Mapping[str, Any] | None = None
-        with self._call(f"transition task {task_id}"):
+        def write(token: str) -> Task | dict[str, Any]:
+            return self._update(task_id, {**sets, **tenant_sets(token, str(TaskStatus(to)))}, removes,
+                                [condition, tenant_condition(token)])
+
+        token = self._tenant_of(task_id)
+        old = write(token)
+        if isinstance(old, dict) and old and token_of_item(old) != token:
+            # A stale cache entry (the id was reused by another tenant): once more, with the tenant it has.
+            old = write(token_of_item(old))
+        if isinstance(old, Task):
+            return old
+        if not old:
+            raise TaskNotFound(f"task {task_id} not found")
+        current = self._task(old)
+        raise TaskConflict(conflict_message(current, statuses, attempt, lease_expired_before), current=current)
+
+    def _update(self, task_id: str, sets: Mapping[str, Any], removes: builtins.list[str],
+                conditions: builtins.list[tuple[str, dict[str, str], dict[str, Any]]]) -> Task | dict[str, Any]:
+        """One conditional UpdateItem: the task written, or the item as the failed condition saw it ({}: none)."""
+        with refused():
+            update, names, values = update_expression(sets, removes)
+        for _, condition_names, condition_values in conditions:
+            names.update(condition_names)
+            values.update(condition_values)
+        with dynamo_call(f"transition task {task_id}"):
             try:
                 response = self.client.update_item(
                     TableName=self.table, Key={KEY: {"S": task_id}}, UpdateExpression=update,
-                    ConditionExpression=condition, ExpressionAttributeNames=names,
-                    ExpressionAttributeValues=values, ReturnValues="ALL_NEW",
+                    ConditionExpression=" AND ".join(condition for condition, _, _ in conditions),
+                    ExpressionAttributeNames=names, ExpressionAttributeValues=values, ReturnValues="ALL_NEW",
                     ReturnValuesOnConditionCheckFailure="ALL_OLD",
                 )
             except ClientError as exc:
                 if error_code(exc) != "ConditionalCheckFailedException":
                     raise
                 # The item as it was when the condition failed: the same snapshot the condition saw.
-                old = _response(exc).get("Item") or {}
-        if old is None:
-            return item_to_task(response["Attributes"])
-        if not old:
-            raise TaskNotFound(f"task {task_id} not found")
-        current = item_to_task(old)
-        raise TaskConflict(conflict_message(current, statuses, attempt, lease_expired_before), current=current)
+                return failed_item(exc)
+        return self._task(response["Attributes"])
 
-    def list(self, *, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None) -> TaskPage:
+    def _tenant_of(self, task_id: str) -> str:
+        """The task's tenant token, remembered or read (see dynamo_tenants). Raises TaskNotFound."""
+        token = self._tenants.get(task_id)
+        if token is None:
+            with dynamo_call(f"get task {task_id}"):
+                token = read_token(self.client, self.table, task_id)
+            if token is None:
+                raise TaskNotFound(f"task {task_id} not found")
+            self._tenants.put(task_id, token)
+        return token
+
+    def _task(self, item: Mapping[str, Any]) -> Task:
+        task = item_to_task(item)
+        self._tenants.put(task.task_id, token_of_item(item))
+        return task
+
+    def list(self, *, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None,
+             tenant: str | None = None) -> TaskPage:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
             raise RequestError(f"limit must be an integer in 1..{MAX_LIMIT}", field="limit")
         status_value = None if status is None else str(TaskStatus(status))
-        if status_value is None:
-            index, partition_attr, partition = INDEX_ALL, LIST_ALL_ATTR, LIST_ALL_VALUE
-        else:
-            index, partition_attr, partition = INDEX_STATUS, "status", status_value
+        index, partition_attr, partition = listing_index(status_value, tenant)
         request: dict[str, Any] = {
             "TableName": self.table, "IndexName": index, "KeyConditionExpression": "#p = :p",
             "ExpressionAttributeNames": {"#p": partition_attr}, "ExpressionAttributeValues": {":p": {"S": partition}},
             "ScanIndexForward": False,  # newest first
         }
         if cursor is not None:
-            sort_key, task_id = decode_cursor(cursor, status_value)
+            sort_key, task_id = decode_cursor(cursor, status_value, tenant)
             request["ExclusiveStartKey"] = {
                 KEY: {"S": task_id}, partition_attr: {"S": partition}, LIST_KEY: {"S": sort_key},
             }
-        with self._call(f"list tasks (index {index})"):
+        with dynamo_call(f"list tasks (index {index})"):
             # One more than asked tells whether a next page exists, so next_cursor is None exactly on the last
             # page (a LastEvaluatedKey alone may point past the end).
             items = query_items(self.client, request, limit=limit + 1)
-        tasks = [item_to_task(item) for item in items[:limit]]
+        tasks = [self._task(item) for item in items[:limit]]
         next_cursor = None
         if len(items) > limit:
             last = tasks[-1]
-            next_cursor = encode_cursor(items[limit - 1][LIST_KEY]["S"], last.task_id, status_value)
+            next_cursor = encode_cursor(items[limit - 1][LIST_KEY]["S"], last.task_id, status_value, tenant)
         return TaskPage(tasks=tasks, next_cursor=next_cursor)
 
+    def due_outbox(self, *, before: float, limit: int = 100) -> builtins.list[Task]:
+        with dynamo_call(f"list due outboxes (index {INDEX_OUTBOX})"):
+            return due_outbox(self.client, self.table, before=before, limit=limit)
+
+    def update_outbox(self, task_id: str, outbox: Outbox, *, expected: Outbox) -> Task:
+        if is_reserved_key(task_id):
+            raise TaskNotFound(f"task {task_id} not found")
+        with dynamo_call(f"update the outbox of task {task_id}"), refused():
+            return update_outbox(self.client, self.table, task_id, outbox, expected=expected)
+
     def stale(self, *, status: TaskStatus, updated_before: float, limit: int = 100) -> builtins.list[Task]:
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-            raise ValueError(f"limit must be an integer in 1..{MAX_LIMIT}")
-        status_value = str(TaskStatus(status))
-        request: dict[str, Any] = {
-            "TableName": self.table, "IndexName": INDEX_UPDATED, "KeyConditionExpression": "#p = :p AND #u < :u",
-            "ExpressionAttributeNames": {"#p": "status", "#u": UPDATED_AT},
-            "ExpressionAttributeValues": {":p": {"S": status_value}, ":u": serialize(float(updated_before))},
-            "ScanIndexForward": True,  # oldest first
-        }
-        with self._call(f"list stale {status_value} tasks (index {INDEX_UPDATED})"):
-            keys = query_items(self.client, request, limit=limit)
-            items = batch_get(self.client, self.table, [key[KEY]["S"] for key in keys])
-        tasks = [item_to_task(item) for item in items]
-        # The index lags the table on AWS: keep only what a strong read still finds stale.
-        found = [task for task in tasks if task.status == status_value and task.updated_at < updated_before]
-        return sorted(found, key=lambda task: (task.updated_at, task.task_id))
+        with dynamo_call(f"list stale {status} tasks (index {INDEX_UPDATED})"):
+            return stale_tasks(self.client, self.table, status=status, updated_before=updated_before, limit=limit)
 
     def delete(self, task_id: str, *, finished_before: float | None = None) -> bool:
-        if is_worker_key(task_id):
-            return False  # not a task: a registry record is removed by remove_worker only
+        if is_reserved_key(task_id):
+            return False  # not a task: registry and records are removed by their own methods only
         request: dict[str, Any] = {"TableName": self.table, "Key": {KEY: {"S": task_id}}, "ReturnValues": "ALL_OLD"}
         if finished_before is not None:
             terminal = sorted(str(s) for s in TERMINAL)
@@ -289,21 +312,22 @@ class DynamoTaskStore:
                 ExpressionAttributeNames={"#u": UPDATED_AT, "#s": "status"},
                 ExpressionAttributeValues={":u": serialize(float(finished_before)),
                                            **{f":s{i}": {"S": s} for i, s in enumerate(terminal)}})
-        with self._call(f"delete task {task_id}"):
+        with dynamo_call(f"delete task {task_id}"):
             try:
                 response = self.client.delete_item(**request)
             except ClientError as exc:
                 if error_code(exc) != "ConditionalCheckFailedException":
                     raise
                 return False
+        self._tenants.forget(task_id)
         return bool(response.get("Attributes"))
 
     # Worker registry -------------------------------------------------------------------------------------------
 
     def put_worker(self, record: WorkerRecord) -> None:
-        with _refused():
+        with refused():
             item = worker_to_item(record)
-        with self._call(f"put worker record {record.worker_id}"):
+        with dynamo_call(f"put worker record {record.worker_id}"):
             self.client.put_item(TableName=self.table, Item=item)
 
     def workers(self, *, now: float | None = None) -> builtins.list[WorkerRecord]:
@@ -313,14 +337,34 @@ class DynamoTaskStore:
             "ExpressionAttributeNames": {"#p": LIST_ALL_ATTR},
             "ExpressionAttributeValues": {":p": {"S": WORKERS_PARTITION}},
         }
-        with self._call(f"list worker records (index {INDEX_ALL})"):
+        with dynamo_call(f"list worker records (index {INDEX_ALL})"):
             records = [item_to_worker(item) for item in query_items(self.client, request)]
         # TTL deletes expired records late (up to days): leave them out here.
         return sorted((r for r in records if r.expires_at > now), key=lambda r: r.worker_id)
 
     def remove_worker(self, worker_id: str) -> None:
-        with self._call(f"remove worker record {worker_id}"):
+        with dynamo_call(f"remove worker record {worker_id}"):
             self.client.delete_item(TableName=self.table, Key=worker_key(worker_id))
+
+    # Records (see dynamo_records) ----------------------------------------------------------------------------------
+
+    def get_record(self, kind: str, key: str) -> Record | None:
+        with dynamo_call(f"get record {kind}/{key}"):
+            return get_record(self.client, self.table, kind, key, now=self._clock())
+
+    def put_record(self, kind: str, key: str, data: dict[str, Any], *, version: int | None,
+                   expires_at: float | None = None) -> Record:
+        with dynamo_call(f"put record {kind}/{key}"):
+            return put_record(self.client, self.table, kind, key, data, version=version, expires_at=expires_at,
+                              now=self._clock())
+
+    def delete_record(self, kind: str, key: str, *, version: int | None = None) -> bool:
+        with dynamo_call(f"delete record {kind}/{key}"):
+            return delete_record(self.client, self.table, kind, key, version=version, now=self._clock())
+
+    def list_records(self, kind: str, *, limit: int = 100, cursor: str | None = None) -> RecordPage:
+        with dynamo_call(f"list records {kind} (index {INDEX_ALL})"):
+            return list_records(self.client, self.table, kind, limit=limit, cursor=cursor, now=self._clock())
 
     # Setup -----------------------------------------------------------------------------------------------------
 
@@ -329,7 +373,7 @@ class DynamoTaskStore:
         ACTIVE. Idempotent: on a ready table it only reads. Raises ConfigError when an index of the same name has
         other keys or TTL is on another attribute (a table has one TTL attribute), BackendError (also when the
         wait times out)."""
-        with self._call(f"ensure table {self.table}"):
+        with dynamo_call(f"ensure table {self.table}"):
             ensure_table(self.client, self.table, timeout_s=self._ensure_timeout_s)
 
     # Lifecycle -------------------------------------------------------------------------------------------------
@@ -347,30 +391,3 @@ class DynamoTaskStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @contextmanager
-    def _call(self, action: str) -> Iterator[None]:
-        """translate_errors, plus a clearer word for DynamoDB's item-size refusal."""
-        with translate_errors(action):
-            try:
-                yield
-            except ClientError as exc:
-                if error_code(exc) == "ValidationException" and "size" in str(exc).lower():
-                    raise BackendRefused(f"{action}: the task exceeds DynamoDB's 400 KB item limit; payloads this "
-                                         f"large belong in the blob store ({exc})") from exc
-                raise
-
-
-@contextmanager
-def _refused() -> Iterator[None]:
-    """Values DynamoDB cannot hold (NaN, 40-digit numbers, objects) are a refusal, not a retryable failure."""
-    try:
-        yield
-    except ValueError as exc:
-        raise BackendRefused(str(exc)) from exc
-
-
-def _response(exc: ClientError) -> dict[str, Any]:
-    # ReturnValuesOnConditionCheckFailure puts the current item next to the error, untyped in the stubs.
-    response: dict[str, Any] = dict(exc.response)
-    return response

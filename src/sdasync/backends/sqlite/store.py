@@ -10,29 +10,36 @@ Every state change is one ``UPDATE ... WHERE task_id = ? AND status IN (...) [AN
 passed>]`` checked by its row count, inside a ``BEGIN IMMEDIATE`` transaction that also reads the row back, so the
 caller gets either the task it wrote or, on a lost compare-and-set, the task as it is now.
 
-A file made by an older version (without ``lease_until`` and ``history``) is upgraded in place on first use:
-``ADDED_COLUMNS`` are added by ``ALTER TABLE``, which leaves old rows with a NULL lease and an empty history. The
-``tasks_status_updated`` index and the ``workers`` table are ``IF NOT EXISTS`` statements of the schema, so an
-older file gains them on first use too.
+A file made by an older version (without ``lease_until``, ``history``, ``tenant``, ``outbox``) is upgraded in place
+on first use: ``ADDED_COLUMNS`` are added by ``ALTER TABLE``, which leaves old rows with a NULL lease, an empty
+history, no tenant and no outbox, then ``ADDED_INDEXES`` are created. The ``tasks_status_updated`` index and the
+``workers`` and ``records`` tables are ``IF NOT EXISTS`` statements of the schema, so an older file gains them on
+first use too.
+
+The same file also holds the ``RecordStore`` records (table ``records``, see ``records.py``); row encoding and
+listing cursors are in ``task_rows.py``.
 """
 
 from __future__ import annotations
 
 import builtins
-import json
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Self
 
 from sdasync.backends.base import TaskPage, check_changes, check_transition
-from sdasync.backends.cursor import decode_cursor, encode_cursor
+from sdasync.backends.records import Record, RecordPage, check_record_key
+from sdasync.backends.sqlite import records as record_rows
+from sdasync.backends.sqlite import task_rows as rows
 from sdasync.backends.sqlite import workers as worker_rows
 from sdasync.backends.sqlite.db import SqliteDatabase
 from sdasync.errors import BackendRefused, RequestError, TaskConflict, TaskNotFound
-from sdasync.models import TERMINAL, Api, Task, TaskError, TaskStatus, WorkerRecord, plain_field
+from sdasync.models import TERMINAL, Task, TaskStatus, WorkerRecord
+from sdasync.outbox import Outbox
 from sdasync.urls import path_from_url, query_params
 
 SCHEMA = (
@@ -54,7 +61,10 @@ SCHEMA = (
         worker TEXT,
         extra TEXT NOT NULL,         -- JSON object
         lease_until REAL,
-        history TEXT NOT NULL DEFAULT '[]'  -- JSON list of attempt records
+        history TEXT NOT NULL DEFAULT '[]', -- JSON list of attempt records
+        tenant TEXT NOT NULL DEFAULT '',    -- '': no tenant (key-less mode); never changed after create
+        outbox TEXT,                 -- JSON Outbox or NULL
+        outbox_due REAL              -- outbox.due_at, NULL when no delivery is due (see task_rows)
     )
     """,
     # list() walks one of these in order and stops after a page: no sort, whatever the table's size.
@@ -63,14 +73,23 @@ SCHEMA = (
     # stale() walks this one from its oldest entry: the sweeper's and the janitor's queries stay index range scans.
     "CREATE INDEX IF NOT EXISTS tasks_status_updated ON tasks (status, updated_at, task_id)",
     *worker_rows.SCHEMA,
+    *record_rows.SCHEMA,
 )
 
-COLUMNS = ("task_id", "api", "payload", "status", "created_at", "updated_at", "started_at", "finished_at",
-           "attempts", "images", "info", "error", "progress", "worker", "extra", "lease_until", "history")
 #: Columns later versions added, with their definitions for ``ALTER TABLE ... ADD COLUMN`` (the same as in
-#: SCHEMA: ADD COLUMN allows NOT NULL only with a default, which then fills the old rows).
-ADDED_COLUMNS: Mapping[str, str] = {"lease_until": "REAL", "history": "TEXT NOT NULL DEFAULT '[]'"}
-_SELECT = f"SELECT {', '.join(COLUMNS)} FROM tasks"
+#: SCHEMA: ADD COLUMN allows NOT NULL only with a default, which then fills the old rows, and lets a process of
+#: the older version, still running, go on inserting rows without them).
+ADDED_COLUMNS: Mapping[str, str] = {"lease_until": "REAL", "history": "TEXT NOT NULL DEFAULT '[]'",
+                                    "tenant": "TEXT NOT NULL DEFAULT ''", "outbox": "TEXT", "outbox_due": "REAL"}
+#: Indexes on added columns: created by ``_upgrade`` once the columns exist (in SCHEMA they would fail on an old
+#: file, whose table lacks them when the schema runs).
+ADDED_INDEXES: Mapping[str, str] = {
+    # list(tenant=...) walks one of these, as list() does the two above: a tenant's page costs its own rows only.
+    "tasks_tenant_newest": "ON tasks (tenant, created_at DESC, task_id DESC)",
+    "tasks_tenant_status_newest": "ON tasks (tenant, status, created_at DESC, task_id DESC)",
+    # Partial: only tasks owing a webhook delivery are in it, so the dispatcher's poll costs what is due.
+    "tasks_outbox_due": "ON tasks (outbox_due, task_id) WHERE outbox_due IS NOT NULL",
+}
 MAX_LIMIT = 1000
 
 
@@ -99,20 +118,16 @@ class SqliteTaskStore:
         return self._db.path
 
     def create(self, task: Task) -> None:
-        row = _encode_task(task)
+        row = rows.encode_task(task)
         with self._write() as conn:
-            inserted = conn.execute(
-                f"INSERT INTO tasks ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-                " ON CONFLICT (task_id) DO NOTHING",
-                row,
-            ).rowcount
-            current = None if inserted else _fetch(conn, task.task_id)
+            inserted = conn.execute(rows.INSERT, row).rowcount
+            current = None if inserted else rows.fetch(conn, task.task_id)
         if not inserted:
             raise TaskConflict(f"task {task.task_id} already exists", current=current)
 
     def get(self, task_id: str) -> Task:
         with self._read() as conn:
-            task = _fetch(conn, task_id)
+            task = rows.fetch(conn, task_id)
         if task is None:
             raise TaskNotFound(f"task {task_id} not found")
         return task
@@ -123,7 +138,7 @@ class SqliteTaskStore:
         check_transition(expected, to)
         changes = check_changes(changes)
         assignments = {"status": str(TaskStatus(to)), "updated_at": self._clock()}
-        assignments.update({name: _encode_field(name, value) for name, value in changes.items()})
+        assignments.update(rows.encode_changes(changes))
         statuses = sorted({str(TaskStatus(s)) for s in expected})
         sql = (f"UPDATE tasks SET {', '.join(f'{name} = ?' for name in assignments)}"
                f" WHERE task_id = ? AND status IN ({', '.join('?' * len(statuses))})")
@@ -140,47 +155,74 @@ class SqliteTaskStore:
         with self._write() as conn:
             updated = conn.execute(sql, params).rowcount
             # Read back in the same transaction: on success the row we wrote, on failure the row that beat us.
-            task = _fetch(conn, task_id)
+            task = rows.fetch(conn, task_id)
         if task is None:
             raise TaskNotFound(f"task {task_id} not found")
         if not updated:
             raise TaskConflict(_conflict_message(task, statuses, attempt, lease_expired_before), current=task)
         return task
 
-    def list(self, *, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None) -> TaskPage:
+    def list(self, *, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None,
+             tenant: str | None = None) -> TaskPage:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
             raise RequestError(f"limit must be an integer in 1..{MAX_LIMIT}", field="limit")
+        if tenant is not None and not isinstance(tenant, str):
+            raise RequestError("tenant must be a string", field="tenant")
         status_value = None if status is None else str(TaskStatus(status))
         where: list[str] = []
         params: list[Any] = []
+        # Equality on the leading columns of one of the four "newest" indexes, so the ORDER BY below is that
+        # index's order: no sort, and a tenant's listing never reads another tenant's rows.
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)
         if status_value is not None:
             where.append("status = ?")
             params.append(status_value)
         if cursor is not None:
-            created_at, task_id = _decode_cursor(cursor, status_value)
+            created_at, task_id = rows.decode_list_cursor(cursor, status_value, tenant)
             # Keyset pagination: strictly after the last row of the previous page in (created_at, task_id) order,
             # so rows inserted meanwhile neither shift nor repeat the pages.
             where.append("(created_at, task_id) < (?, ?)")
             params.extend((created_at, task_id))
-        sql = _SELECT + (f" WHERE {' AND '.join(where)}" if where else "")
+        sql = rows.SELECT + (f" WHERE {' AND '.join(where)}" if where else "")
         sql += " ORDER BY created_at DESC, task_id DESC LIMIT ?"
         params.append(limit + 1)  # one more than asked tells whether a next page exists
         with self._read() as conn:
-            rows = conn.execute(sql, params).fetchall()
-        tasks = [_decode_task(row) for row in rows[:limit]]
-        next_cursor = None
-        if len(rows) > limit:
-            last = tasks[-1]
-            next_cursor = _encode_cursor(last.created_at, last.task_id, status_value)
+            found = conn.execute(sql, params).fetchall()
+        tasks = [rows.decode_task(row) for row in found[:limit]]
+        next_cursor = rows.encode_cursor_of(tasks[-1], status_value, tenant) if len(found) > limit else None
         return TaskPage(tasks=tasks, next_cursor=next_cursor)
+
+    def due_outbox(self, *, before: float, limit: int = 100) -> builtins.list[Task]:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"limit must be an integer in 1..{MAX_LIMIT}")
+        with self._read() as conn:
+            found = conn.execute(rows.DUE_OUTBOX, (float(before), limit)).fetchall()
+        return [rows.decode_task(row) for row in found]
+
+    def update_outbox(self, task_id: str, outbox: Outbox, *, expected: Outbox) -> Task:
+        written = replace(outbox, version=expected.version + 1)
+        text, due = rows.encode_outbox(written)
+        with self._write() as conn:
+            updated = conn.execute(rows.UPDATE_OUTBOX,
+                                   (text, due, task_id, expected.event_id, expected.version)).rowcount
+            task = rows.fetch(conn, task_id)
+        if task is None:
+            raise TaskNotFound(f"task {task_id} not found")
+        if not updated:
+            now = "none" if task.outbox is None else f"{task.outbox.event_id} at version {task.outbox.version}"
+            raise TaskConflict(f"task {task_id} has outbox {now}, expected {expected.event_id} at version "
+                               f"{expected.version}", current=task)
+        return task
 
     def stale(self, *, status: TaskStatus, updated_before: float, limit: int = 100) -> builtins.list[Task]:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
             raise ValueError(f"limit must be an integer in 1..{MAX_LIMIT}")
         with self._read() as conn:
-            rows = conn.execute(f"{_SELECT} WHERE status = ? AND updated_at < ? ORDER BY updated_at, task_id LIMIT ?",
-                                (str(TaskStatus(status)), float(updated_before), limit)).fetchall()
-        return [_decode_task(row) for row in rows]
+            found = conn.execute(f"{rows.SELECT} WHERE status = ? AND updated_at < ? ORDER BY updated_at, task_id"
+                                 " LIMIT ?", (str(TaskStatus(status)), float(updated_before), limit)).fetchall()
+        return [rows.decode_task(row) for row in found]
 
     def delete(self, task_id: str, *, finished_before: float | None = None) -> bool:
         with self._write() as conn:
@@ -213,6 +255,29 @@ class SqliteTaskStore:
         with self._write() as conn:
             conn.execute(worker_rows.DELETE, (worker_id,))
 
+    def get_record(self, kind: str, key: str) -> Record | None:
+        check_record_key(kind, key)
+        with self._read() as conn:
+            return record_rows.fetch(conn, kind, key, self._clock())
+
+    def put_record(self, kind: str, key: str, data: dict[str, Any], *, version: int | None,
+                   expires_at: float | None = None) -> Record:
+        # Validated before the write lock is taken: bad input costs no lock.
+        check_record_key(kind, key)
+        record_rows.encode_data(data)
+        with self._write() as conn:
+            return record_rows.put(conn, kind, key, data, version=version, expires_at=expires_at,
+                                   now=self._clock())
+
+    def delete_record(self, kind: str, key: str, *, version: int | None = None) -> bool:
+        check_record_key(kind, key)
+        with self._write() as conn:
+            return record_rows.delete(conn, kind, key, version=version, now=self._clock())
+
+    def list_records(self, kind: str, *, limit: int = 100, cursor: str | None = None) -> RecordPage:
+        with self._read() as conn:
+            return record_rows.list_page(conn, kind, limit=limit, cursor=cursor, now=self._clock())
+
     def close(self) -> None:
         self._db.close()
 
@@ -234,6 +299,7 @@ class SqliteTaskStore:
             return
         with self._db.read() as conn:
             missing = set(ADDED_COLUMNS) - _columns(conn)
+            missing_indexes = set(ADDED_INDEXES) - _indexes(conn)
         if missing:
             # Checked again under the write lock: another process (all take it with BEGIN IMMEDIATE) may have
             # added them meanwhile. "duplicate column name" is tolerated all the same, in case one did not.
@@ -244,6 +310,10 @@ class SqliteTaskStore:
                     except sqlite3.OperationalError as exc:
                         if "duplicate column name" not in str(exc):
                             raise
+        if missing or missing_indexes:
+            with self._db.write() as conn:
+                for name, definition in ADDED_INDEXES.items():
+                    conn.execute(f"CREATE INDEX IF NOT EXISTS {name} {definition}")
         # Racing threads may each check once more: harmless, and it spares a lock on the hot path.
         self._upgraded = True
 
@@ -258,6 +328,11 @@ def _columns(conn: sqlite3.Connection) -> set[str]:
     return {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
 
 
+def _indexes(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?",
+                                           ("tasks",))}
+
+
 def _conflict_message(task: Task, statuses: list[str], attempt: int | None, lease_expired_before: float | None
                       ) -> str:
     wanted = f"status in {statuses}" + ("" if attempt is None else f" and attempt {attempt}")
@@ -265,70 +340,3 @@ def _conflict_message(task: Task, statuses: list[str], attempt: int | None, leas
         wanted += f" and no running lease at or after {lease_expired_before}"
     lease = "" if task.lease_until is None else f", leased until {task.lease_until}"
     return f"task {task.task_id} is {task.status} (attempt {task.attempts}{lease}), expected {wanted}"
-
-
-def _fetch(conn: sqlite3.Connection, task_id: str) -> Task | None:
-    row = conn.execute(f"{_SELECT} WHERE task_id = ?", (task_id,)).fetchone()
-    return None if row is None else _decode_task(row)
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
-
-
-#: Fields kept as JSON text; the others are plain columns.
-_JSON_FIELDS = frozenset({"images", "error", "info", "progress", "history"})
-
-
-def _encode_field(name: str, value: Any) -> Any:
-    """A mutable field's column value. Raises ValueError for a value of the wrong shape."""
-    plain = plain_field(name, value)
-    return _json(plain) if name in _JSON_FIELDS else plain
-
-
-def _encode_task(task: Task) -> tuple[Any, ...]:
-    return (
-        task.task_id, str(Api(task.api)), _json(task.payload), str(TaskStatus(task.status)), task.created_at,
-        task.updated_at, task.started_at, task.finished_at, task.attempts, _encode_field("images", task.images),
-        _encode_field("info", task.info), _encode_field("error", task.error),
-        _encode_field("progress", task.progress), task.worker, _json(task.extra), task.lease_until,
-        _encode_field("history", task.history),
-    )
-
-
-def _decode_task(row: tuple[Any, ...]) -> Task:
-    (task_id, api, payload, status, created_at, updated_at, started_at, finished_at, attempts, images, info, error,
-     progress, worker, extra, lease_until, history) = row
-    return Task(
-        task_id=task_id,
-        api=Api(api),
-        payload=json.loads(payload),
-        status=TaskStatus(status),
-        created_at=created_at,
-        updated_at=updated_at,
-        started_at=started_at,
-        finished_at=finished_at,
-        attempts=attempts,
-        images=tuple(json.loads(images)),
-        info=None if info is None else json.loads(info),
-        error=None if error is None else TaskError.from_dict(json.loads(error)),
-        progress=None if progress is None else json.loads(progress),
-        worker=worker,
-        extra=json.loads(extra),
-        lease_until=lease_until,
-        history=tuple(json.loads(history)),
-    )
-
-
-def _encode_cursor(created_at: float, task_id: str, status: str | None) -> str:
-    return encode_cursor({"c": created_at, "t": task_id, "s": status})
-
-
-def _decode_cursor(cursor: str, status: str | None) -> tuple[float, str]:
-    """The position a cursor names. Raises RequestError for anything this store did not hand out."""
-    created_at, task_id, cursor_status = decode_cursor(cursor, ("c", "t", "s"))
-    if (isinstance(created_at, bool) or not isinstance(created_at, int | float) or not isinstance(task_id, str)
-            or cursor_status != status):
-        # A cursor from a listing of another status would silently skip or repeat tasks.
-        raise RequestError("invalid cursor (or one from a listing with another status filter)", field="cursor")
-    return float(created_at), task_id
