@@ -9,6 +9,11 @@ A queue cannot be searched for a task's message, so the rule goes by age and by 
 3. a task ``running`` under a lease that ran out more than ``requeue_after`` ago likewise (its worker died and
    its message went with it: no later delivery will find the lease expired and take the task over).
 
+A task among those whose deadline has passed is not re-sent: it goes to ``cancelled`` with the error ``deadline``
+(and its ``completed`` webhook outbox, in the same write), fenced like a re-send. The old queued tasks are looked
+at for this even while the queue holds enough messages for them (one batch per pass then): their messages may be
+far back in line, and nobody waits for their answers any more.
+
 Each time, the message goes out first and the task then records it (a ``requeued`` history record, written by a
 compare-and-set on its status and attempt number, and for a running task on its lease still being expired). The
 write also moves ``updated_at``, so the next pass leaves the task alone for another ``requeue_after``. If the
@@ -38,6 +43,7 @@ from sdasync.backends.base import DeadLetter, DeadLetterQueue
 from sdasync.errors import SdasyncError, TaskConflict, TaskNotFound
 from sdasync.models import AttemptRecord, Outcome, Task, TaskError, TaskStatus
 from sdasync.service import Backends
+from sdasync.worker.settle import deadline_changes, deadline_error, finishing, past_deadline
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +54,18 @@ DEAD_LETTERS = 1000
 
 @dataclass(frozen=True)
 class SweepReport:
-    """What one pass did: task ids requeued (a new message), redriven (their dead letters moved back), and
-    failed as stranded; ``errors`` counts what a backend refused, left for the next pass."""
+    """What one pass did: task ids requeued (a new message), redriven (their dead letters moved back), failed as
+    stranded, and cancelled because their deadline had passed (``expired``); ``errors`` counts what a backend
+    refused, left for the next pass."""
 
     requeued: tuple[str, ...] = ()
     redriven: tuple[str, ...] = ()
     stranded: tuple[str, ...] = ()
     errors: int = 0
+    expired: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.requeued or self.redriven or self.stranded or self.errors)
+        return bool(self.requeued or self.redriven or self.stranded or self.expired or self.errors)
 
 
 @dataclass
@@ -71,11 +79,12 @@ class _Pass:
     requeued: list[str] = field(default_factory=list)
     redriven: list[str] = field(default_factory=list)
     stranded: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
     errors: int = 0
 
     def report(self) -> SweepReport:
         return SweepReport(requeued=tuple(self.requeued), redriven=tuple(self.redriven),
-                           stranded=tuple(self.stranded), errors=self.errors)
+                           stranded=tuple(self.stranded), errors=self.errors, expired=tuple(self.expired))
 
 
 #: The error a ``requeued`` record carries when the sweeper moved a dead letter back (age-based re-sends carry none).
@@ -147,8 +156,8 @@ def _move_back(queue: DeadLetterQueue, message_ids: list[str]) -> None:
 
 
 def _sweep_stale(run: _Pass, status: TaskStatus, cutoff: float, limit: int) -> None:
-    if status is TaskStatus.QUEUED and _probably_waiting(run, cutoff, limit):
-        return
+    # Tasks waiting in line get no new message, but those past their deadline are still ended: one batch.
+    waiting = status is TaskStatus.QUEUED and _probably_waiting(run, cutoff, limit)
     tried: set[str] = set()
     while True:
         try:
@@ -162,11 +171,14 @@ def _sweep_stale(run: _Pass, status: TaskStatus, cutoff: float, limit: int) -> N
             tried.add(task.task_id)
             if task.task_id in run.seen or not _stranded(task, lease_expired_before=cutoff):
                 continue
-            _resend(run, task, lease_expired_before=cutoff,
-                    send=partial(_send, run, task.task_id), done=run.requeued,
-                    has_dead_letter=False)
+            if past_deadline(task, run.now):
+                _cancel_expired(run, task, lease=cutoff if task.status is TaskStatus.RUNNING else None)
+            elif not waiting:
+                _resend(run, task, lease_expired_before=cutoff,
+                        send=partial(_send, run, task.task_id), done=run.requeued,
+                        has_dead_letter=False)
         # Tasks requeued drop out of the next batch (their updated_at moved); ones that could not be would repeat.
-        if len(batch) < limit or not fresh:
+        if waiting or len(batch) < limit or not fresh:
             return
 
 
@@ -211,6 +223,9 @@ def _resend(run: _Pass, task: Task, *, lease_expired_before: float, send: Callab
     run.seen.add(task.task_id)
     # The lease condition only matters for a running task: a queued one holds no lease.
     lease = lease_expired_before if task.status is TaskStatus.RUNNING else None
+    if past_deadline(task, run.now):
+        _cancel_expired(run, task, lease=lease)
+        return
     if has_dead_letter and redrives_since_claim(task) >= run.max_attempts:
         _fail_stranded(run, task, lease=lease)
         return
@@ -245,9 +260,10 @@ def _fail_stranded(run: _Pass, task: Task, *, lease: float | None) -> None:
                            outcome=Outcome.FAILED, error=error)
     try:
         run.backends.store.transition(task.task_id, expected={task.status}, to=TaskStatus.FAILED,
-                                      attempt=task.attempts, lease_expired_before=lease, changes={
-                                          "error": error, "finished_at": run.now, "progress": None,
-                                          "lease_until": None, "history": (*task.history, record)})
+                                      attempt=task.attempts, lease_expired_before=lease, changes=finishing(
+                                          task, run.now, {"error": error, "finished_at": run.now,
+                                                          "progress": None, "lease_until": None,
+                                                          "history": (*task.history, record)}))
     except (TaskConflict, TaskNotFound):
         return  # it moved on meanwhile: it is not stranded after all
     except SdasyncError as exc:
@@ -257,3 +273,26 @@ def _fail_stranded(run: _Pass, task: Task, *, lease: float | None) -> None:
     # Its dead letter stays where `sdasync dlq list` shows it and `dlq redrive` finds it.
     run.stranded.append(task.task_id)
     log.error("task %s failed: %s", task.task_id, error.message)
+
+
+def _cancel_expired(run: _Pass, task: Task, *, lease: float | None) -> None:
+    """``-> cancelled`` (reason deadline) instead of a new message: nobody waits for the answer any more. For a
+    running task, fenced on its lease still being expired and its attempt, whose history record this writes."""
+    run.seen.add(task.task_id)
+    history = task.history
+    if task.status is TaskStatus.RUNNING:
+        history = (*history, AttemptRecord(attempt=task.attempts, worker=task.worker, started_at=task.started_at,
+                                           ended_at=run.now, outcome=Outcome.CANCELLED, error=deadline_error(task)))
+    try:
+        run.backends.store.transition(task.task_id, expected={task.status}, to=TaskStatus.CANCELLED,
+                                      attempt=task.attempts, lease_expired_before=lease,
+                                      changes=deadline_changes(task, run.now, history=history))
+    except (TaskConflict, TaskNotFound):
+        return  # it moved on meanwhile (claimed, cancelled, finished): its new state settles it
+    except SdasyncError as exc:
+        log.warning("sweeper: cannot cancel task %s past its deadline: %s", task.task_id, exc)
+        run.errors += 1
+        return
+    # A dead letter it may have stays: a delivery of a cancelled task is only acknowledged.
+    run.expired.append(task.task_id)
+    log.info("task %s cancelled by the sweeper: its deadline passed", task.task_id)

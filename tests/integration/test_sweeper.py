@@ -16,7 +16,8 @@ from sdasync.backends.base import Message
 from sdasync.config import Settings
 from sdasync.engines.fake import FakeEngine
 from sdasync.maintenance import Maintenance, MaintenanceReport
-from sdasync.models import Outcome, Task, TaskStatus
+from sdasync.models import Api, Outcome, Task, TaskStatus
+from sdasync.outbox import Event, WebhookSpec
 from sdasync.service import Backends, TaskService, open_backends
 from sdasync.sweeper import sweep
 from sdasync.worker.loop import Worker, WorkerConfig
@@ -158,6 +159,73 @@ def test_a_task_dead_lettered_past_max_attempts_fails_as_stranded_and_can_be_red
     assert backends.store.get(task.task_id).status is TaskStatus.SUCCEEDED
     history = backends.store.get(task.task_id).history
     assert history[-2].outcome is Outcome.REDRIVEN and history[-2].started_at is None
+
+
+def put_task(backends: Backends, *, deadline: float | None = None, completed_hook: bool = False) -> Task:
+    """A task as the API stores one (message, then task), with a deadline or a ``completed`` webhook."""
+    extra: dict[str, object] = {} if deadline is None else {"deadline": deadline}
+    if completed_hook:
+        extra["webhook"] = WebhookSpec(url="https://hooks.example.test/in", events=frozenset({Event.COMPLETED})
+                                       ).to_dict()
+    task = Task.new(Api.TXT2IMG, dict(BODY["payload"]), extra=extra)  # type: ignore[arg-type]
+    backends.queue.send(task.task_id)
+    backends.store.create(task)
+    return task
+
+
+def test_a_stranded_failure_carries_the_outbox(backends: Backends) -> None:
+    task = put_task(backends, completed_hook=True)
+    dead_letter(backends, task)
+    assert sweep(backends, requeue_after_s=REQUEUE_AFTER_S, max_attempts=1).redriven == (task.task_id,)
+    dead_letter(backends, task)
+    assert sweep(backends, requeue_after_s=REQUEUE_AFTER_S, max_attempts=1).stranded == (task.task_id,)
+    failed = backends.store.get(task.task_id)
+    assert failed.status is TaskStatus.FAILED and failed.outbox is not None
+    assert failed.outbox.event is Event.COMPLETED and failed.outbox.due_at is not None
+    assert [t.task_id for t in backends.store.due_outbox(before=time.time() + 1)] == [task.task_id]
+
+
+def test_a_lost_task_past_its_deadline_is_cancelled_not_resent(backends: Backends) -> None:
+    task = put_task(backends, deadline=later(30), completed_hook=True)  # passed by the time the sweep runs
+    lose_message(backends, task)
+
+    report = sweep(backends, requeue_after_s=REQUEUE_AFTER_S, max_attempts=3, now=later())
+
+    assert report.expired == (task.task_id,) and not report.requeued
+    done = backends.store.get(task.task_id)
+    assert done.status is TaskStatus.CANCELLED and done.error is not None and done.error.code == "deadline"
+    assert done.history == () and done.outbox is not None and done.outbox.event is Event.COMPLETED
+    depth = backends.queue.depth()
+    assert (depth.visible, depth.in_flight, depth.delayed) == (0, 0, 0)  # no message was sent
+
+
+def test_old_queued_tasks_past_their_deadline_are_cancelled_even_while_in_line(backends: Backends) -> None:
+    expired = [put_task(backends, deadline=later(30)) for _ in range(2)]
+    waiting = put_task(backends)  # every task's message is in the queue: they wait in line, none is re-sent
+
+    report = sweep(backends, requeue_after_s=REQUEUE_AFTER_S, max_attempts=3, now=later())
+
+    assert sorted(report.expired) == sorted(t.task_id for t in expired) and not report.requeued
+    assert backends.store.get(waiting.task_id).status is TaskStatus.QUEUED
+    assert backends.queue.depth().visible == 3
+    engine = FakeEngine()
+    assert worker(backends, engine).run(burst=True) == 3  # the cancelled ones' messages are only acknowledged
+    assert engine.calls == 1
+
+
+def test_a_dead_task_past_its_deadline_is_cancelled_with_its_attempt_recorded(backends: Backends) -> None:
+    task = put_task(backends, deadline=later(30))
+    backends.store.transition(task.task_id, expected={TaskStatus.QUEUED}, to=TaskStatus.RUNNING, attempt=0,
+                              changes={"attempts": 1, "worker": "gone", "lease_until": time.time()})
+    lose_message(backends, task)
+
+    report = sweep(backends, requeue_after_s=REQUEUE_AFTER_S, max_attempts=3, now=later(2 * REQUEUE_AFTER_S))
+
+    assert report.expired == (task.task_id,)
+    done = backends.store.get(task.task_id)
+    assert done.status is TaskStatus.CANCELLED and done.lease_until is None
+    assert [(h.outcome, h.worker, h.error.code if h.error else None) for h in done.history] == [
+        (Outcome.CANCELLED, "gone", "deadline")]
 
 
 def test_age_alone_never_fails_a_task(backends: Backends, service: TaskService) -> None:

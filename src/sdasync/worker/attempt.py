@@ -2,6 +2,8 @@
 
 The guard ticks twice a second. Each tick reads the task, so a cancel (or a newer attempt taking over) is seen
 within half a second and the engine, which polls ``interrupted`` between steps, stops within the 2 s promised.
+The task's deadline (an absolute time, so read on the wall clock) is checked at every tick and at every poll of
+``interrupted``: past it, the engine stops at its next step.
 Every third of the visibility timeout it extends both the message's visibility and the task's lease: one keeps
 the queue from handing the message to another worker, the other keeps another worker's claim from succeeding if
 the message comes back anyway (a duplicate delivery, a failed extend).
@@ -22,9 +24,9 @@ from sdasync.engines.base import Progress
 from sdasync.errors import ReceiptInvalid, SdasyncError, TaskConflict
 from sdasync.models import COUNTED_OUTCOMES, AttemptRecord, Outcome, Task, TaskError, TaskProgress, TaskStatus
 from sdasync.worker.faults import fault_point
+from sdasync.worker.hooks import EventSink
 
 log = logging.getLogger(__name__)
-
 
 
 class GuardReason(enum.StrEnum):
@@ -36,6 +38,8 @@ class GuardReason(enum.StrEnum):
     FENCED = "fenced"
     #: The worker's drain timeout ran out: the task is handed back.
     DRAIN = "drain"
+    #: The task's deadline passed: it ends cancelled, with reason deadline.
+    DEADLINE = "deadline"
 
 
 class HandleOutcome(enum.StrEnum):
@@ -59,13 +63,19 @@ class HandleOutcome(enum.StrEnum):
     DEFERRED = "deferred"
     #: Another worker holds the task under a live lease: the message comes back when that lease would end.
     CONTENDED = "contended"
+    #: The task's deadline passed (before its claim or during its attempt): it ended cancelled, nothing published.
+    DEADLINE = "deadline"
+    #: The start gate said wait (its tenant runs as many tasks as it may): the message comes back later, the task
+    #: stays queued, no attempt is used.
+    THROTTLED = "throttled"
 
 
 def record(task: Task, outcome: Outcome, *, error: TaskError | None = None, now: float | None = None,
-           attempt: int | None = None, worker: str | None = None) -> AttemptRecord:
+           attempt: int | None = None, worker: str | None = None, engine_s: float | None = None) -> AttemptRecord:
     return AttemptRecord(attempt=task.attempts if attempt is None else attempt, worker=worker or task.worker,
                          started_at=task.started_at, ended_at=time.time() if now is None else now,
-                         outcome=outcome, error=error)
+                         outcome=outcome, error=error,
+                         engine_s=None if engine_s is None else round(engine_s, 3))
 
 
 def used_attempts(history: Iterable[AttemptRecord]) -> int:
@@ -82,7 +92,8 @@ def used_attempts(history: Iterable[AttemptRecord]) -> int:
 class AttemptGuard:
     def __init__(self, *, queue: Queue, store: TaskStore, task: Task, receipt: str, visibility_timeout_s: float,
                  progress_interval_s: float = 1.0, tick_s: float = 0.5,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, deadline: float | None = None,
+                 events: EventSink | None = None) -> None:
         self.queue = queue
         self.store = store
         self.task = task
@@ -91,6 +102,9 @@ class AttemptGuard:
         self.progress_interval_s = progress_interval_s
         self.tick_s = tick_s
         self.clock = clock
+        #: Epoch seconds (on ``clock``) by which the task must be finished, or None.
+        self.deadline = deadline
+        self.events = events
         #: Why the attempt must stop, or None.
         self.reason: GuardReason | None = None
         self._interrupted = threading.Event()
@@ -103,7 +117,18 @@ class AttemptGuard:
         return self.task.attempts
 
     def interrupted(self) -> bool:
+        # Checked here too, not only at the ticks: the engine polls this between steps, so the deadline is honoured
+        # to within one step rather than one tick.
+        self._check_deadline()
         return self._interrupted.is_set()
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and self.clock() >= self.deadline
+
+    def _check_deadline(self) -> None:
+        if self.reason is None and self.past_deadline():
+            log.info("task %s: its deadline passed; stopping the engine", self.task.task_id)
+            self.interrupt(GuardReason.DEADLINE)
 
     def interrupt(self, reason: GuardReason) -> None:
         if self.reason is None:
@@ -123,6 +148,7 @@ class AttemptGuard:
         extend_every = self.visibility_timeout_s / 3
         next_extend = time.monotonic() + extend_every
         while not self._stop.wait(self.tick_s):
+            self._check_deadline()
             if time.monotonic() >= next_extend:
                 next_extend = time.monotonic() + extend_every
                 self._extend()
@@ -160,8 +186,12 @@ class AttemptGuard:
         if now - self._last_progress < self.progress_interval_s and progress.step < progress.steps:
             return
         self._last_progress = now
-        self._write({"progress": TaskProgress(fraction=round(progress.fraction, 4), step=progress.step,
-                                              steps=progress.steps, eta_s=progress.eta_s)})
+        fraction = round(progress.fraction, 4)
+        self._write({"progress": TaskProgress(fraction=fraction, step=progress.step, steps=progress.steps,
+                                              eta_s=progress.eta_s)})
+        if self.events is not None:
+            # At the cadence of the progress writes, not per step; the sink rate-limits its webhooks further.
+            self.events.progress(self.task, fraction, progress.step, progress.steps)
 
     def _write(self, changes: dict[str, Any]) -> None:
         try:

@@ -1,12 +1,16 @@
 """The worker loop. One message at a time, in this order, so a crash at any step loses nothing:
 
 1. receive (the message is hidden for the visibility timeout)
-2. claim: ``queued -> running``, or ``running -> running`` once the previous holder's lease has run out;
+2. a task past its deadline never runs: ``-> cancelled`` (reason deadline); one whose tenant runs as many tasks
+   as it may waits: the start gate says how long, and the message comes back then (no attempt used)
+3. claim: ``queued -> running``, or ``running -> running`` once the previous holder's lease has run out;
    conditional on the attempt number, which it increments, and on the lease
-3. generate, while the attempt guard keeps the message hidden and the lease alive, and watches for a cancel
-4. write the images under deterministic keys ``<taskId>/<n>.png`` (a retry overwrites, never adds)
-5. ``running -> succeeded`` conditional on this worker's attempt, with the image keys and info
-6. only then acknowledge (delete) the message
+4. generate, while the attempt guard keeps the message hidden and the lease alive, and watches for a cancel,
+   a takeover and the deadline
+5. write the images under deterministic keys (``hooks.result_key``: a retry overwrites, never adds)
+6. ``running -> succeeded`` conditional on this worker's attempt, with the image keys, the info and the
+   ``completed`` webhook outbox, in one write (see ``settle.py``); unless the deadline passed meanwhile
+7. only then acknowledge (delete) the message
 
 A crash before 6 leaves the message to reappear after the visibility timeout; the next worker claims the task
 again with a higher attempt number, which fences off any write the first one might still make.
@@ -28,34 +32,39 @@ from sdasync.errors import (
     BlobNotFound,
     EngineUnavailable,
     GenerationCancelled,
-    ReceiptInvalid,
     SdasyncError,
     TaskConflict,
     TaskNotFound,
     UnexpectedError,
 )
-from sdasync.models import AttemptRecord, EngineHealth, Outcome, Task, TaskError, TaskProgress, TaskStatus
+from sdasync.models import EngineHealth, Outcome, Task, TaskError, TaskProgress, TaskStatus
 from sdasync.service import load_payload
 from sdasync.worker.attempt import AttemptGuard, GuardReason, HandleOutcome, record, used_attempts
 from sdasync.worker.engine_wait import EngineWatch
 from sdasync.worker.faults import fault_error, fault_point
+from sdasync.worker.hooks import EventSink, SafeEvents, StartGate, result_key
 from sdasync.worker.options import WorkerConfig as WorkerConfig  # where its callers have always found it
 from sdasync.worker.registry import Heartbeat, public_url
+from sdasync.worker.settle import QUEUED_OR_RUNNING, Settle, deadline_error, past_deadline
 
 log = logging.getLogger(__name__)
 
-QUEUED_OR_RUNNING = frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING})
 #: Exit status of a worker that stopped because its engine broke beyond repair: restart the process.
 EXIT_ENGINE_BROKEN = 3
 #: Deliveries of a message whose task does not exist before it is dropped (0.5 + 1 + 2 + 4 s of backoff).
 ORPHAN_RECEIVES = 5
 
 
-class Worker:
+class Worker(Settle):
     def __init__(self, *, queue: Queue, store: TaskStore, blobs: BlobStore, engine: Engine,
                  config: WorkerConfig | None = None, on_busy: Callable[[bool], None] | None = None,
-                 payloads: BlobStore | None = None) -> None:
+                 payloads: BlobStore | None = None, gate: StartGate | None = None,
+                 events: EventSink | None = None) -> None:
         self.queue = queue
+        #: The running cap: asked before each claim, told when each attempt ends. None: no cap.
+        self.gate = gate
+        #: Where ``start`` and ``progress`` events go (webhooks, best effort); never raises into the worker.
+        self.events = None if events is None else SafeEvents(events)
         #: Told True when a task arrives and False when a receive comes back empty (ASG scale-in protection).
         self.on_busy = on_busy
         self.store = store
@@ -205,23 +214,46 @@ class Worker:
             return HandleOutcome.DUPLICATE
         now = time.time()
         history = task.history
-        if task.status is TaskStatus.RUNNING and (task.lease_until is None or task.lease_until < now):
+        abandoned = task.status is TaskStatus.RUNNING and (task.lease_until is None or task.lease_until < now)
+        if past_deadline(task, now):
+            if task.status is TaskStatus.RUNNING and not abandoned:
+                # Its holder is alive: its guard stops it at the deadline. Look again once its lease would end.
+                self._requeue(message, delay_s=max(1.0, (task.lease_until or now) - now + 1.0))
+                return HandleOutcome.CONTENDED
+            if abandoned:
+                # Its attempt died holding it; the deadline, not the crash, is what ends the task.
+                history = (*history, record(task, Outcome.CANCELLED, error=deadline_error(task), now=now))
+            return self._cancel_for_deadline(task, message, history=history, ours=False)
+        if abandoned:
             # Its holder stopped renewing the lease: that attempt died (a crash, a kill, a lost machine).
             history = (*history, record(task, Outcome.LOST, now=now))
         if used_attempts(history) >= self.config.max_attempts:
             error = TaskError("attempts_exhausted", f"the task failed {used_attempts(history)} times")
             return self._finish_failed(task, message, error, history=history, lease_expired_before=now)
+        wait = None if self.gate is None else self.gate.enter(task)
+        if wait is not None:
+            # Its tenant runs as many tasks as it may. Nothing is written: the task stays queued as it was. Back
+            # by its deadline at the latest, so that a task which will not run in time ends then, not later.
+            deadline = task.deadline
+            self._requeue(message, delay_s=max(0.0, wait if deadline is None else min(wait, deadline - now)))
+            return HandleOutcome.THROTTLED
         try:
-            claimed = self.store.transition(
-                task.task_id, expected=QUEUED_OR_RUNNING, to=TaskStatus.RUNNING, attempt=task.attempts,
-                lease_expired_before=now, changes={
-                    "attempts": task.attempts + 1, "started_at": now, "worker": self.config.worker_id,
-                    "progress": None, "lease_until": now + self.config.visibility_timeout_s, "history": history})
-        except TaskConflict as exc:
-            return self._lost_claim(message, exc)
-        fault_point("claimed")
-        return self._run(claimed, message)
-
+            try:
+                claimed = self.store.transition(
+                    task.task_id, expected=QUEUED_OR_RUNNING, to=TaskStatus.RUNNING, attempt=task.attempts,
+                    lease_expired_before=now, changes={
+                        "attempts": task.attempts + 1, "started_at": now, "worker": self.config.worker_id,
+                        "progress": None, "lease_until": now + self.config.visibility_timeout_s,
+                        "history": history})
+            except TaskConflict as exc:
+                return self._lost_claim(message, exc)
+            fault_point("claimed")
+            if self.events is not None:
+                self.events.start(claimed)
+            return self._run(claimed, message)
+        finally:
+            if self.gate is not None:
+                _leave(self.gate, task)
     def _unknown_task(self, message: Message) -> HandleOutcome:
         """The API sends a task's message before it writes the task (see ``TaskService.submit``): a message can
         arrive a moment early, or name a task whose write failed. Look again a few times, then drop it."""
@@ -232,34 +264,6 @@ class Worker:
                     message.body)
         self.queue.ack(message.receipt)
         return HandleOutcome.ORPHAN
-
-    def _last_delivery(self, message: Message) -> bool:
-        """The queue dead-letters this message if it comes back once more: the task must be settled now."""
-        return message.receive_count >= self.queue.max_receives
-
-    def _lost_claim(self, message: Message, exc: TaskConflict) -> HandleOutcome:
-        current = exc.current
-        if current is not None and current.status.is_terminal:
-            self.queue.ack(message.receipt)
-            return HandleOutcome.DUPLICATE
-        # Another worker holds the task under a live lease (a duplicate delivery, or its extend failed). Look
-        # again when that lease would have run out: by then it is finished, or its holder is gone.
-        lease = current.lease_until if current is not None and current.lease_until else time.time()
-        self._requeue(message, delay_s=max(1.0, lease - time.time() + 1.0))
-        return HandleOutcome.CONTENDED
-
-    def _requeue(self, message: Message, *, delay_s: float) -> None:
-        """Make the task's message come back after ``delay_s``. On its last delivery, or when this delivery is no
-        longer current, a fresh message replaces it: putting it back would let the queue dead-letter it, or fail,
-        and either would leave the task with no message. A duplicate message is harmless by design."""
-        if not self._last_delivery(message):
-            try:
-                self.queue.nack(message.receipt, delay_s=min(delay_s, 43_200.0))
-                return
-            except ReceiptInvalid:
-                pass
-        self.queue.send(message.body, delay_s=min(delay_s, 900.0))
-        self.queue.ack(message.receipt)
 
     def _run(self, task: Task, message: Message) -> HandleOutcome:
         try:
@@ -272,7 +276,8 @@ class Worker:
             return self._failed_attempt(task, message, exc)
         guard = AttemptGuard(queue=self.queue, store=self.store, task=task, receipt=message.receipt,
                              visibility_timeout_s=self.config.visibility_timeout_s,
-                             progress_interval_s=self.config.progress_interval_s)
+                             progress_interval_s=self.config.progress_interval_s, deadline=task.deadline,
+                             events=self.events)
         deadline = self.config.generation_timeout_s or default_deadline_s(payload)
         request = GenerationRequest(task_id=task.task_id, api=task.api, payload=payload, on_progress=guard.report,
                                     is_cancelled=guard.interrupted, deadline_s=deadline)
@@ -280,90 +285,69 @@ class Worker:
         self._guard = guard
         if self.drain_expired.is_set():
             guard.interrupt(GuardReason.DRAIN)  # the drain timeout ran out as this attempt began
+        #: Seconds in engine.generate (the task's GPU time); None until the engine has been called.
+        engine_s: float | None = None
+        keys: tuple[str, ...] = ()
         try:
             with guard:
                 try:
-                    result = self.engine.generate(request)
-                    keys = tuple(f"{task.task_id}/{i}.png" for i in range(len(result.images)))
+                    started = time.monotonic()
+                    try:
+                        result = self.engine.generate(request)
+                    finally:
+                        engine_s = time.monotonic() - started
+                    keys = tuple(result_key(task, i) for i in range(len(result.images)))
                     for key, png in zip(keys, result.images, strict=True):
                         fault_error("upload")
                         self.blobs.put(key, png, content_type="image/png")
                 except GenerationCancelled:
-                    return self._interrupted(task, message, guard.reason)
+                    return self._interrupted(task, message, guard.reason, engine_s=engine_s)
                 except SdasyncError as exc:
-                    return self._failed_attempt(task, message, exc)
+                    return self._failed_attempt(task, message, exc, engine_s=engine_s)
                 except Exception as exc:  # an engine bug or a library error: retried like any transient failure
                     log.exception("task %s attempt %d: unexpected error", task.task_id, task.attempts)
-                    return self._failed_attempt(task, message, UnexpectedError(f"{type(exc).__name__}: {exc}"))
+                    return self._failed_attempt(task, message, UnexpectedError(f"{type(exc).__name__}: {exc}"),
+                                                engine_s=engine_s)
         finally:
             self._guard = None
         fault_point("uploaded")
-        try:
-            self.store.transition(task.task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.SUCCEEDED,
-                                  attempt=task.attempts, changes={
-                                      "images": keys, "info": result.info, "finished_at": time.time(),
-                                      "error": None, "progress": _done(payload), "lease_until": None,
-                                      "history": (*task.history, record(task, Outcome.SUCCEEDED))})
-        except TaskConflict:
-            return self._after_conflict(task, message, keys=keys)
-        fault_point("completed")
-        self.queue.ack(message.receipt)
-        log.info("task %s succeeded with %d image(s)", task.task_id, len(keys))
-        return HandleOutcome.SUCCEEDED
+        outcome = self._succeed(task, message, keys=keys, engine_s=engine_s,
+                                changes={"info": result.info, "progress": _done(payload)})
+        if outcome is HandleOutcome.SUCCEEDED:
+            fault_point("completed")
+            self.queue.ack(message.receipt)
+            log.info("task %s succeeded with %d image(s)", task.task_id, len(keys))
+        return outcome
 
-    def _interrupted(self, task: Task, message: Message, reason: GuardReason | None) -> HandleOutcome:
+    def _interrupted(self, task: Task, message: Message, reason: GuardReason | None, *,
+                     engine_s: float | None) -> HandleOutcome:
         match reason:
             case GuardReason.DRAIN:
-                return self._release(task, message, "the worker was stopped")
+                return self._release(task, message, "the worker was stopped", engine_s=engine_s)
+            case GuardReason.DEADLINE:
+                attempt = record(task, Outcome.CANCELLED, error=deadline_error(task), engine_s=engine_s)
+                return self._cancel_for_deadline(task, message, history=(*task.history, attempt), ours=True)
             case GuardReason.CANCELLED | GuardReason.FENCED:
                 return self._after_conflict(task, message, keys=())
             case None:
                 # Someone else interrupted the engine (a global WebUI interrupt): retry like any transient failure.
                 error = UnexpectedError("the engine stopped the generation unasked")
-                return self._failed_attempt(task, message, error)
+                return self._failed_attempt(task, message, error, engine_s=engine_s)
 
-    def _release(self, task: Task, message: Message, why: str) -> HandleOutcome:
-        """Hand the task back at once, without using up an attempt: the worker is the problem, not the task."""
-        try:
-            self.store.transition(task.task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.QUEUED,
-                                  attempt=task.attempts, changes={
-                                      "progress": None, "lease_until": None,
-                                      "history": (*task.history, record(task, Outcome.RELEASED,
-                                                                        error=TaskError("released", why)))})
-        except TaskConflict:
-            return self._after_conflict(task, message, keys=())
-        self._requeue(message, delay_s=0)
-        log.info("task %s released: %s", task.task_id, why)
-        return HandleOutcome.RELEASED
-
-    def _after_conflict(self, task: Task, message: Message, *, keys: tuple[str, ...]) -> HandleOutcome:
-        """Our attempt's write was refused: the task was cancelled, or a newer attempt owns it."""
-        current = self.store.get(task.task_id)
-        match current.status:
-            case TaskStatus.CANCELLED:
-                for key in keys:
-                    self.blobs.delete(key)
-                self.queue.ack(message.receipt)
-                log.info("task %s was cancelled; its images are discarded", task.task_id)
-                return HandleOutcome.CANCELLED
-            case TaskStatus.SUCCEEDED | TaskStatus.FAILED:
-                self.queue.ack(message.receipt)
-                return HandleOutcome.DUPLICATE
-            case TaskStatus.QUEUED | TaskStatus.RUNNING:
-                # A newer attempt holds the task: leave its message and its images alone.
-                log.warning("task %s attempt %d was fenced off by attempt %d", task.task_id, task.attempts,
-                            current.attempts)
-                return HandleOutcome.FENCED
-
-    def _failed_attempt(self, task: Task, message: Message, exc: SdasyncError) -> HandleOutcome:
+    def _failed_attempt(self, task: Task, message: Message, exc: SdasyncError, *,
+                        engine_s: float | None = None) -> HandleOutcome:
         error = TaskError(exc.code, exc.message)
+        if past_deadline(task, time.time()):
+            # A retry would only be cancelled at its claim: end the task now, as its deadline says.
+            attempt = record(task, Outcome.CANCELLED, error=deadline_error(task), engine_s=engine_s)
+            return self._cancel_for_deadline(task, message, history=(*task.history, attempt), ours=True)
         health = self.engine_watch.health() if isinstance(exc, EngineUnavailable) else None
         if health is not None and not health.ok:
             # The engine is down, not this task: hand the task back and wait for the engine.
             self.engine_watch.went_down(health)
             self.engine_down.set()
             log.error("engine down (%s); task %s handed back", exc, task.task_id)
-            return self._release(task, message, f"engine down: {exc.message}")
+            return self._release(task, message, f"engine down: {exc.message}", engine_s=engine_s)
         used = used_attempts(task.history) + 1
         if exc.retryable and used < self.config.max_attempts and not self._last_delivery(message):
             delay = self.backoff_s(used)
@@ -373,7 +357,8 @@ class Worker:
                 self.store.transition(task.task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.QUEUED,
                                       attempt=task.attempts, changes={
                                           "error": error, "progress": None, "lease_until": None,
-                                          "history": (*task.history, record(task, Outcome.RETRIED, error=error))})
+                                          "history": (*task.history, record(task, Outcome.RETRIED, error=error,
+                                                                            engine_s=engine_s))})
             except TaskConflict:
                 return self._after_conflict(task, message, keys=())
             self._requeue(message, delay_s=delay)
@@ -381,30 +366,20 @@ class Worker:
         if exc.retryable:
             error = TaskError(exc.code, f"{exc.message} (gave up after {used} attempts)")
         log.error("task %s failed: %s", task.task_id, error.message)
-        history = (*task.history, record(task, Outcome.FAILED, error=error))
+        history = (*task.history, record(task, Outcome.FAILED, error=error, engine_s=engine_s))
         return self._finish_failed(task, message, error, history=history, attempt=task.attempts)
-
-    def _finish_failed(self, task: Task, message: Message, error: TaskError, *,
-                       history: tuple[AttemptRecord, ...], attempt: int | None = None,
-                       lease_expired_before: float | None = None) -> HandleOutcome:
-        """``failed``, and the message to the dead-letter queue, where ``sdasync dlq`` shows it."""
-        try:
-            self.store.transition(task.task_id, expected=QUEUED_OR_RUNNING, to=TaskStatus.FAILED,
-                                  attempt=task.attempts if attempt is None else attempt,
-                                  lease_expired_before=lease_expired_before, changes={
-                                      "error": error, "finished_at": time.time(), "progress": None,
-                                      "lease_until": None, "history": history})
-        except TaskConflict as exc:
-            if exc.current is not None and not exc.current.status.is_terminal:
-                return self._lost_claim(message, exc)
-            return self._after_conflict(task, message, keys=())
-        self.queue.dead_letter(message.receipt, reason=error.code)
-        return HandleOutcome.FAILED
 
     def backoff_s(self, attempt: int) -> float:
         """Exponential backoff with full jitter: spreads retries of a burst of failures over time."""
         ceiling = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))
         return random.uniform(ceiling / 2, ceiling)
+
+
+def _leave(gate: StartGate, task: Task) -> None:
+    try:
+        gate.leave(task)
+    except Exception as exc:  # the outcome is settled already; a slot not freed expires by itself
+        log.warning("task %s: the start gate was not told the attempt ended: %s", task.task_id, exc)
 
 
 def _done(payload: dict[str, Any]) -> TaskProgress:
