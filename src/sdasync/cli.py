@@ -83,6 +83,16 @@ def _api_options(parser: argparse.ArgumentParser) -> None:
          "is sent again (default 3600)")
     _set(parser, "--sweep-interval", type=float, help="seconds between sweeps for stranded and expired tasks "
          "(default 60; 0 = off)")
+    trust = parser.add_argument_group("keys, quotas and webhooks (docs/security.md)")
+    _set(trust, "--auth", help="true/false: require API keys (default: on unless bound to loopback)")
+    _set(trust, "--url-ttl", type=float, help="seconds an embedded image URL stays valid (default 3600)")
+    _set(trust, "--url-secret", help="secret signing image URLs, the same on every API process (default: one "
+         "made in <data-dir>/secrets/url.key)")
+    _set(trust, "--max-queue-depth", type=int, help="refuse submissions (429) while this many tasks wait")
+    _set(trust, "--max-task-age", type=float, help="seconds after submission by which every task must finish, "
+         "else it ends cancelled (deadline)")
+    _set(trust, "--idempotency-ttl", type=float, help="seconds an Idempotency-Key is remembered (default 86400)")
+    _webhook_options(trust)
     limits = parser.add_argument_group("request limits")
     for name, info in Limits.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -92,6 +102,16 @@ def _api_options(parser: argparse.ArgumentParser) -> None:
             _set(limits, flag, help=f"comma-separated keys (default {','.join(sorted(info.default))})")
         else:
             _set(limits, flag, type=int, help=f"default {info.default}")
+
+
+def _webhook_options(parser: argparse.ArgumentParser | Any) -> None:
+    _set(parser, "--secrets", help="what encrypts webhook secrets: file:///path/to/key (default <data-dir>/"
+         "secrets/master.key) or kms://<key id or alias>?region=R")
+    _set(parser, "--webhook-allow", help="comma-separated hosts, addresses or networks webhooks may reach despite "
+         "the SSRF guard (and over http)")
+    _set(parser, "--webhook-timeout", type=float, help="seconds a webhook receiver has to connect and to answer "
+         "(default 10)")
+    _set(parser, "--webhook-retry-for", type=float, help="seconds a completed event is retried (default 86400)")
 
 
 def _scaler_options(parser: argparse.ArgumentParser, *, local: bool) -> None:
@@ -122,6 +142,7 @@ def _scaler_options(parser: argparse.ArgumentParser, *, local: bool) -> None:
 def _client_options(parser: argparse.ArgumentParser) -> None:
     _set(parser, "--url", dest="api_url", help="the sdasync API (default http://127.0.0.1:8080)")
     _set(parser, "--timeout", dest="wait_timeout", type=float, help="seconds to wait for a task (default 600)")
+    _set(parser, "--key", dest="api_key", help="the API key to send")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     _set(worker, "--asg-protect", help="Auto Scaling group name: protect this instance from scale-in while it has "
          "a task (instance id from IMDS or --instance-id)")
     _set(worker, "--instance-id", help="this machine's EC2 instance id, if known")
+    _webhook_options(worker)
     worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by serve's supervisor
 
     scaler = sub.add_parser("scaler", help="size a fleet of workers to the queue")
@@ -214,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a queued or running task")
     cancel.add_argument("task_id")
     _client_options(cancel)
+
+    from sdasync.auth.commands import add_parser as add_keys
+    from sdasync.webhooks.command import add_parser as add_webhooks
+
+    _log_level(add_keys(sub))  # its subcommands take the store options themselves
+    hooks = add_webhooks(sub, options=(_location_options, _webhook_options, _log_level))
+    _set(hooks, "--public-url", help="the API's address as clients see it, for image URLs in events")
+    _set(hooks, "--url-ttl", type=float, help="seconds an embedded image URL stays valid (default 3600)")
+    _set(hooks, "--url-secret", help="secret signing image URLs, as the API's")
     return parser
 
 
@@ -262,7 +293,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
                                "batch_size": args.batch_size}
     if args.sampler:
         payload["sampler_name"] = args.sampler
-    with Client(settings.api_url) as client:
+    with Client(settings.api_url, api_key=settings.api_key) as client:
         task_id = client.submit(payload)
         if not args.wait:
             _print({"taskId": task_id, "status": "queued"})
@@ -306,7 +337,7 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from sdasync.client import Client
 
-    with Client(settings.api_url) as client:
+    with Client(settings.api_url, api_key=settings.api_key) as client:
         _print(client.get(args.task_id))
     return 0
 
@@ -314,9 +345,25 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     from sdasync.client import Client
 
-    with Client(settings.api_url) as client:
+    with Client(settings.api_url, api_key=settings.api_key) as client:
         _print(client.cancel(args.task_id))
     return 0
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    from sdasync.auth.commands import run
+
+    return run(args, settings)
+
+
+def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    from sdasync.service import open_backends
+    from sdasync.trust import renderer, secret_source
+    from sdasync.webhooks.command import run
+
+    with open_backends(settings) as backends:
+        return run(args, settings, render=renderer(backends.blobs, settings),
+                   secret_for=secret_source(backends.store, settings), store=backends.store)
 
 
 def _print(obj: Any) -> None:
@@ -326,6 +373,7 @@ def _print(obj: Any) -> None:
 COMMANDS: Mapping[str, Callable[[argparse.Namespace, Settings], int]] = {
     "serve": cmd_serve, "api": cmd_serve, "worker": cmd_worker, "submit": cmd_submit, "status": cmd_status,
     "cancel": cmd_cancel, "aws": cmd_aws, "dlq": cmd_dlq, "scaler": cmd_scaler, "sweep": cmd_sweep,
+    "keys": cmd_keys, "webhooks": cmd_webhooks,
 }
 
 

@@ -23,8 +23,10 @@ class ClientError(SdasyncError):
 
 
 class Client:
-    def __init__(self, url: str = "http://127.0.0.1:8080", *, timeout_s: float = 30.0) -> None:
-        self._http = httpx.Client(base_url=url, timeout=timeout_s)
+    def __init__(self, url: str = "http://127.0.0.1:8080", *, timeout_s: float = 30.0,
+                 api_key: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=url, timeout=timeout_s, headers=headers)
 
     def __enter__(self) -> Self:
         return self

@@ -201,6 +201,8 @@ class Settings(_Section):
     fault_seed: str = ""
     # -- the client commands (submit, status, cancel)
     api_url: str = "http://127.0.0.1:8080"
+    #: The API key the client commands send (``Authorization: Bearer``).
+    api_key: str | None = None
     #: Seconds ``submit --wait`` waits for a task.
     wait_timeout: float = Field(default=600.0, gt=0)
     # -- sections

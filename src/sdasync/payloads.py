@@ -344,14 +344,33 @@ class Img2ImgPayload(_Payload):
 PAYLOADS: dict[Api, type[_Payload]] = {Api.TXT2IMG: Txt2ImgPayload, Api.IMG2IMG: Img2ImgPayload}
 
 
-class Txt2ImgRequest(BaseModel):
+EventName = Literal["start", "progress", "completed"]
+
+
+class _TaskOptions(BaseModel):
+    """What a request asks of sdasync itself, beside the engine's payload (never inside it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    webhook: str | None = Field(default=None, max_length=2048, description=(
+        "an https URL that receives this task's events, signed the Standard Webhooks way; plain http only to hosts "
+        "on the operator's allowlist"))
+    webhookEventsFilter: list[EventName] | None = Field(default=None, description=(
+        "which events to send (default all): start, progress, completed; Replicate's webhook_events_filter "
+        "spelling is accepted too"))
+    deadline: str | float | None = Field(default=None, description=(
+        "when the task must be finished (ISO 8601 with a zone, or epoch seconds), else it ends cancelled with "
+        "reason deadline; the Cancel-After header (a duration: 30s, 5m, 1h) does the same"))
+
+
+class Txt2ImgRequest(_TaskOptions):
     model_config = ConfigDict(extra="forbid")
 
     api: Literal[Api.TXT2IMG]
     payload: Txt2ImgPayload = Field(default_factory=lambda: Txt2ImgPayload())
 
 
-class Img2ImgRequest(BaseModel):
+class Img2ImgRequest(_TaskOptions):
     model_config = ConfigDict(extra="forbid")
 
     api: Literal[Api.IMG2IMG]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import builtins
 import json
 import logging
-import secrets
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -22,10 +21,12 @@ from typing import Any
 
 from sdasync.backends.base import BlobStore, Queue, QueueDepth, TaskPage, TaskStore
 from sdasync.backends.registry import open_blobs, open_queue, open_store
+from sdasync.callers import LOCAL, Caller
 from sdasync.config import Limits, Settings
-from sdasync.errors import SdasyncError, TaskConflict
-from sdasync.models import AttemptRecord, Outcome, Task, TaskStatus, WorkerRecord
-from sdasync.validation import SEED_MAX, validate_request
+from sdasync.errors import SdasyncError, TaskConflict, TaskNotFound
+from sdasync.intake import Intake, IntakeSettings
+from sdasync.models import AttemptRecord, Outcome, Task, TaskError, TaskStatus, WorkerRecord
+from sdasync.outbox import completed_outbox
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,17 @@ def load_payload(task: Task, payloads: BlobStore, *, results: BlobStore | None =
     return loaded
 
 
-def _cancelled_attempt(task: Task, now: float) -> AttemptRecord:
+def _cancelled_attempt(task: Task, now: float, error: TaskError | None = None) -> AttemptRecord:
     """The history record of a running attempt that a cancel ends."""
+    # The worker cannot write to a cancelled task, so its engine time is taken as the whole attempt: the GPU was
+    # that attempt's until the worker saw the cancel (an upper bound, for usage).
+    engine_s = None if task.started_at is None else max(0.0, now - task.started_at)
     return AttemptRecord(attempt=task.attempts, worker=task.worker, started_at=task.started_at, ended_at=now,
-                         outcome=Outcome.CANCELLED)
+                         outcome=Outcome.CANCELLED, error=error, engine_s=engine_s)
+
+
+#: Why a task past its deadline ended ``cancelled``.
+DEADLINE_ERROR = TaskError("deadline", "the task was not finished by its deadline")
 
 
 @dataclass
@@ -84,32 +92,56 @@ def open_backends(settings: Settings) -> Iterator[Backends]:
         yield Backends(queue=queue, store=store, blobs=blobs, payloads=payloads)
 
 
+@dataclass(frozen=True)
+class Submitted:
+    task: Task
+    #: False when an Idempotency-Key gave back a task made by an earlier request.
+    created: bool
+
+
 class TaskService:
     def __init__(self, backends: Backends, *, limits: Limits | None = None,
-                 inline_payload_max: int = INLINE_PAYLOAD_MAX) -> None:
+                 inline_payload_max: int = INLINE_PAYLOAD_MAX, intake: IntakeSettings | None = None) -> None:
         self.queue = backends.queue
         self.store = backends.store
         self.blobs = backends.blobs
         self.payloads = backends.payloads
         self.limits = limits or Limits()
         self.inline_payload_max = inline_payload_max
+        self.intake = Intake(queue=self.queue, store=self.store, settings=intake or IntakeSettings(self.limits))
 
-    def submit(self, body: Any) -> Task:
-        """Validate, enqueue, then store. Raises RequestError (nothing stored), BackendError.
+    @classmethod
+    def from_settings(cls, backends: Backends, settings: Settings) -> TaskService:
+        return cls(backends, limits=settings.limits, inline_payload_max=settings.inline_payload_max,
+                   intake=IntakeSettings(limits=settings.limits, max_queue_depth=settings.max_queue_depth,
+                                         max_task_age=settings.max_task_age,
+                                         idempotency_ttl=settings.idempotency_ttl,
+                                         webhook_allow=settings.webhook_allow))
+
+    def submit(self, body: Any, caller: Caller = LOCAL) -> Task:
+        """``submit_request`` without the request's headers: the task it queued."""
+        return self.submit_request(body, caller).task
+
+    def submit_request(self, body: Any, caller: Caller = LOCAL, *, idempotency_key: str | None = None,
+                       cancel_after: str | None = None) -> Submitted:
+        """Check, enqueue, then store (see ``intake`` for the checks). Raises RequestError and LimitExceeded
+        (nothing stored), TaskConflict (a replay whose original is still being written), BackendError.
 
         The message goes out before the task is written: if the send fails, nothing exists and the client gets
         a 503; if the write fails (or this process dies) after the send, the message names a task that never
         existed, and workers drop it after a few deliveries. Either way no task can wait in ``queued`` for a
         message that was never sent."""
-        api, payload = validate_request(body, self.limits)
-        if payload["seed"] == -1:
-            # Fixed now, not by the engine, so a retried attempt draws the same images as the first one did and
-            # overwriting them under the same keys changes nothing.
-            payload["seed"] = secrets.randbelow(SEED_MAX + 1)
-        task = self._offload(Task.new(api, payload))
-        self.queue.send(task.task_id)
+        accepted = self.intake.accept(body, caller, idempotency_key=idempotency_key, cancel_after=cancel_after)
+        if accepted.replay:
+            return Submitted(task=accepted.task, created=False)
+        try:
+            task = self._offload(accepted.task)
+            self.queue.send(task.task_id)
+        except BaseException:
+            self.intake.failed(accepted, caller)
+            raise
         self.store.create(task)
-        return task
+        return Submitted(task=task, created=True)
 
     def _offload(self, task: Task) -> Task:
         """Keep a large payload (base64 init images) in the payload store, so task items and queue messages stay
@@ -121,29 +153,48 @@ class TaskService:
         self.payloads.put(key, data, content_type="application/json")
         return replace(task, payload={}, extra={**task.extra, PAYLOAD_REF: key})
 
-    def get(self, task_id: str) -> Task:
-        """Raises TaskNotFound, BackendError."""
-        return self.store.get(task_id)
+    def get(self, task_id: str, caller: Caller = LOCAL) -> Task:
+        """The task, if the caller may see it: another tenant's task is not found, exactly like a missing one. A
+        queued task past its deadline is cancelled here, on the read, rather than left for a worker to find.
+        Raises TaskNotFound, BackendError."""
+        task = self.store.get(task_id)
+        if not caller.sees(task):
+            raise TaskNotFound(f"task {task_id} not found")
+        if task.status is TaskStatus.QUEUED and task.deadline is not None and task.deadline <= time.time():
+            try:
+                return self._cancel(task, error=DEADLINE_ERROR)
+            except TaskConflict as exc:
+                return exc.current or self.store.get(task_id)
+        return task
 
-    def list(self, *, status: TaskStatus | None = None, limit: int = 20, cursor: str | None = None) -> TaskPage:
-        return self.store.list(status=status, limit=limit, cursor=cursor)
+    def list(self, *, status: TaskStatus | None = None, limit: int = 20, cursor: str | None = None,
+             caller: Caller = LOCAL, tenant: str | None = None) -> TaskPage:
+        """Newest first: a tenant's own tasks, or for an operator every task (or one ``tenant``'s)."""
+        scope = tenant if caller.admin else caller.tenant
+        return self.store.list(status=status, limit=limit, cursor=cursor, tenant=scope)
 
-    def cancel(self, task_id: str) -> Task:
+    def cancel(self, task_id: str, caller: Caller = LOCAL) -> Task:
         """Cancel a queued or running task. A worker holding it finds the task cancelled when it writes its result
         and publishes nothing. Cancelling a running task ends its attempt: the history gets a ``cancelled``
         record for it. Raises TaskNotFound, TaskConflict (already finished), BackendError."""
-        task = self.store.get(task_id)
+        return self._cancel(self.get(task_id, caller))
+
+    def _cancel(self, task: Task, *, error: TaskError | None = None) -> Task:
+        task_id = task.task_id
         for _ in range(CANCEL_TRIES):
             if task.status.is_terminal:
                 raise TaskConflict(f"task {task_id} is already {task.status} and cannot be cancelled", current=task)
             now = time.time()
-            changes: dict[str, Any] = {"finished_at": now, "progress": None}
+            changes: dict[str, Any] = {"finished_at": now, "progress": None, "error": error}
+            outbox = completed_outbox(task.extra, now=now)
+            if outbox is not None:
+                changes["outbox"] = outbox
             if task.status == TaskStatus.RUNNING:
                 # The history is rewritten whole, so the write is fenced on the attempt (and the status) this
                 # record was built from: a worker's write in between (a heartbeat's progress, a result, a new
                 # claim) makes it conflict, and the record is built again from the task as it is then.
                 changes["lease_until"] = None
-                changes["history"] = (*task.history, _cancelled_attempt(task, now))
+                changes["history"] = (*task.history, _cancelled_attempt(task, now, error))
             try:
                 return self.store.transition(task_id, expected={task.status}, to=TaskStatus.CANCELLED,
                                              attempt=task.attempts, changes=changes)

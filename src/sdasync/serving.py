@@ -32,7 +32,10 @@ def worker_args(settings: Settings) -> list[str]:
     args = ["--data-dir", str(settings.data_dir), "--queue", settings.queue_url, "--store", settings.store_url,
             "--blobs", settings.blobs_url, "--payloads", settings.payloads_url, "--engine", settings.engine,
             "--visibility-timeout", str(settings.visibility_timeout), "--max-attempts", str(settings.max_attempts),
-            "--drain-timeout", str(settings.drain_timeout), "--log-level", settings.log_level]
+            "--drain-timeout", str(settings.drain_timeout), "--log-level", settings.log_level,
+            "--secrets", settings.secrets_url, "--webhook-timeout", str(settings.webhook_timeout)]
+    if settings.webhook_allow:
+        args += ["--webhook-allow", ",".join(sorted(settings.webhook_allow))]
     return args
 
 
@@ -86,10 +89,15 @@ def serve(settings: Settings, *, workers: int) -> int:
         backends = stack.enter_context(open_backends(settings))
         app = create_app(settings, backends=backends, health_checks=checks)
         config = build_server(app, settings).config
+        _log_auth(settings)
         if settings.sweep_interval > 0:
             maintenance = _start_maintenance(backends, settings, stop)
             # Registered after the backends, so it runs first: a pass in progress ends before they close.
             stack.callback(maintenance.join, timeout=30.0)
+        dispatcher = threading.Thread(target=_dispatch, args=(backends, settings, stop), name="sdasync-webhooks",
+                                      daemon=True)
+        dispatcher.start()
+        stack.callback(dispatcher.join, timeout=30.0)
 
         def drain() -> None:
             # Called by the first signal and again once the server is down; only the first does anything.
@@ -110,6 +118,36 @@ def serve(settings: Settings, *, workers: int) -> int:
         finally:
             drain()
     return 0 if server.started else 1
+
+
+def _log_auth(settings: Settings) -> None:
+    from sdasync.api.auth import auth_required
+
+    if auth_required(settings):
+        log.info("API keys required on every route but /healthz ('sdasync keys create --tenant NAME' makes one)")
+    else:
+        log.warning("API keys NOT required: listening on loopback (%s) for a first try; anyone on this machine can "
+                    "use the API. --auth true (or any other bind address) turns keys on", settings.host)
+
+
+def _dispatcher(backends: Any, settings: Settings) -> Any:
+    from sdasync.trust import renderer, secret_source
+    from sdasync.webhooks.command import dispatcher_from
+
+    return dispatcher_from(settings, backends.store, render=renderer(backends.blobs, settings),
+                           secret_for=secret_source(backends.store, settings))
+
+
+def _dispatch(backends: Any, settings: Settings, stop: threading.Event) -> None:
+    """The webhook dispatcher inside ``serve``/``api``: a failure is logged, never the end of the API."""
+    try:
+        _dispatcher(backends, settings).run(stop, interval_s=WEBHOOK_INTERVAL_S)
+    except Exception:  # a thread of its own: log it, the API goes on (and the next serve picks the events up)
+        log.exception("webhook dispatcher stopped")
+
+
+#: Seconds between two looks at the outbox when nothing is due.
+WEBHOOK_INTERVAL_S = 1.0
 
 
 def _start_maintenance(backends: Any, settings: Settings, stop: threading.Event) -> threading.Thread:

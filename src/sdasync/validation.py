@@ -33,6 +33,10 @@ DEFAULTS: Mapping[str, Any] = {name: Txt2ImgPayload.model_fields[name].default f
 #: Set by sdasync on every call, so a client cannot, e.g., pick another task's id to interrupt it.
 SERVER_FIELDS = ("force_task_id", "send_images", "save_images")
 MAX_DEPTH = 32
+#: A request's top-level fields: the route, the engine's payload and what the request asks of sdasync itself
+#: (``submission.py`` reads those).
+TOP_LEVEL_FIELDS = frozenset({"api", "payload", "webhook", "webhookEventsFilter", "webhook_events_filter",
+                              "deadline"})
 #: How much of a client's value or field name an error message repeats.
 ECHO_CHARS = 80
 
@@ -42,7 +46,7 @@ def validate_request(body: Any, limits: Limits) -> tuple[Api, dict[str, Any]]:
     if not isinstance(body, Mapping):
         raise RequestError("the request body must be a JSON object with 'api' and 'payload'", field="body")
     _check_json(body, "", 0)
-    unknown = sorted(set(body) - {"api", "payload"})
+    unknown = sorted(set(body) - TOP_LEVEL_FIELDS)
     if unknown:
         raise RequestError(f"unknown top-level field(s): {', '.join(_short(k) for k in unknown)}",
                            field=_short(unknown[0]))

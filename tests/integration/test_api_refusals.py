@@ -221,10 +221,13 @@ def test_a_forged_host_never_appears_in_urls(client: TestClient, host: str) -> N
 def test_trusted_hosts_and_public_url(tmp_path: Path) -> None:
     with make_client(Settings(data_dir=tmp_path / "a")) as client:
         task_id = succeeded_task(client)
-        assert image_urls(client, task_id, "localhost:8080")[0] == f"http://localhost:8080/results/{task_id}/0.png"
+        # Image URLs are signed (exp, sig): the part before the query is what the Host header decides.
+        assert image_urls(client, task_id, "localhost:8080")[0].split("?")[0] == \
+            f"http://localhost:8080/results/{task_id}/0.png"
         assert image_urls(client, task_id, "[::1]:8080")[0].startswith("http://[::1]:8080/results/")
         # A trusted name with another port than the one served is forged too.
-        assert image_urls(client, task_id, "localhost:1234")[0] == f"http://127.0.0.1:8080/results/{task_id}/0.png"
+        assert image_urls(client, task_id, "localhost:1234")[0].split("?")[0] == \
+            f"http://127.0.0.1:8080/results/{task_id}/0.png"
     with make_client(Settings(data_dir=tmp_path / "b", trusted_hosts=frozenset({"api.example"}))) as client:
         task_id = succeeded_task(client)
         assert image_urls(client, task_id, "api.example")[0].startswith("http://api.example/results/")
@@ -233,7 +236,7 @@ def test_trusted_hosts_and_public_url(tmp_path: Path) -> None:
     with make_client(Settings(data_dir=tmp_path / "c", public_url=public)) as client:
         task_id = succeeded_task(client)
         for host in ("localhost", "sd.example", "evil.example"):
-            assert image_urls(client, task_id, host)[0] == f"{public}/results/{task_id}/0.png"
+            assert image_urls(client, task_id, host)[0].split("?")[0] == f"{public}/results/{task_id}/0.png"
         location = client.post("/task", json=SEED_BODY, headers={"host": "localhost"}).headers["location"]
         assert location.startswith(f"{public}/tasks/")
 

@@ -195,7 +195,8 @@ def test_purged_tasks_and_images_answer_404_through_the_api(settings: Settings, 
         assert drain(backends) == 1
         shown = client.get(f"/tasks/{task_id}").json()
         assert shown["status"] == "succeeded"
-        image_paths = [urlsplit(url).path for url in shown["result"]["images"]]
+        # Path and query: the query is the URL's signature.
+        image_paths = [f"{urlsplit(url).path}?{urlsplit(url).query}" for url in shown["result"]["images"]]
         assert image_paths and all(client.get(path).status_code == 200 for path in image_paths)
 
         assert purge(backends, retention_s=RETENTION_S, now=time.time() + RETENTION_S + 1).tasks == 1

@@ -13,7 +13,7 @@ from sdasync.scaler.types import PolicyConfig
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "sdasync"
 #: The only modules that may read the process environment: the entry points.
-ENTRY_POINTS = {"cli.py", "api/lambda_handler.py", "scaler/lambda_handler.py"}
+ENTRY_POINTS = {"cli.py", "api/lambda_handler.py", "scaler/lambda_handler.py", "webhooks/lambda_handler.py"}
 
 
 def test_defaults_derive_from_the_data_dir() -> None:

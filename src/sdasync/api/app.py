@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import ExitStack, asynccontextmanager
 from typing import Any
@@ -18,10 +19,14 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdasync import __version__
+from sdasync.api.auth import Gate, auth_required
 from sdasync.api.routes import router
 from sdasync.api.schemas import error_json
+from sdasync.api.urlsign import UrlSigner, load_secret
+from sdasync.auth.keys import KeyRing
+from sdasync.backends.records import RecordStore
 from sdasync.config import Settings
-from sdasync.errors import RequestError, SdasyncError
+from sdasync.errors import LimitExceeded, RequestError, SdasyncError, Unauthorized
 from sdasync.payloads import TaskRequest
 from sdasync.service import Backends, TaskService, open_backends
 
@@ -42,8 +47,14 @@ def create_app(settings: Settings | None = None, *, backends: Backends | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with ExitStack() as stack:
             opened = backends or stack.enter_context(open_backends(settings))
-            app.state.service = TaskService(opened, limits=settings.limits,
-                                            inline_payload_max=settings.inline_payload_max)
+            app.state.service = TaskService.from_settings(opened, settings)
+            store = opened.store
+            app.state.gate = Gate(KeyRing(store) if isinstance(store, RecordStore) else None,
+                                  required=auth_required(settings))
+            app.state.signer = None
+            if "served_by_api" in opened.blobs.capabilities:
+                app.state.signer = UrlSigner(load_secret(settings.url_secret, settings.url_secret_path),
+                                             ttl_s=settings.url_ttl)
             yield
 
     app = FastAPI(title="sdasync", version=__version__, lifespan=lifespan,
@@ -62,7 +73,12 @@ def create_app(settings: Settings | None = None, *, backends: Backends | None = 
             message = SERVER_MESSAGES.get(exc.code, "the server failed; the server log has the details")
             return JSONResponse(error_json(exc.code, message), status_code=exc.http_status)
         field = exc.field if isinstance(exc, RequestError) else None
-        return JSONResponse(error_json(exc.code, exc.message, field), status_code=exc.http_status)
+        headers = {}
+        if isinstance(exc, Unauthorized):
+            headers["WWW-Authenticate"] = 'Bearer realm="sdasync"'
+        if isinstance(exc, LimitExceeded):
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        return JSONResponse(error_json(exc.code, exc.message, field), status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, _: ClientDisconnect) -> Response:

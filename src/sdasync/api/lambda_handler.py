@@ -8,6 +8,8 @@ reused across invocations. Nothing here imports torch or diffusers: the API neve
 Image URLs and ``Location`` are built from the gateway's own domain and stage, as the event's request context
 names them (``https://<domainName>/<stage>/``), never from the Host header; ``SDASYNC_PUBLIC_URL`` (a custom
 domain, a CDN) wins over both.
+
+API keys are always required here (``SDASYNC_AUTH`` cannot turn them off): a Lambda is on the internet.
 """
 
 from __future__ import annotations
@@ -83,6 +85,6 @@ def make_handler(settings: Settings) -> Any:
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     global _handler
     if _handler is None:
-        _handler = make_handler(settings_from({}, os.environ))
+        _handler = make_handler(settings_from({"auth": True}, os.environ))
     result: dict[str, Any] = _handler(event, context)
     return result

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from sdasync.backends.base import BlobStore
+from sdasync.models import Task, WorkerRecord
+from sdasync.outbox import webhook_of
+from sdasync.timefmt import iso
 
 if TYPE_CHECKING:
     from sdasync.service import HealthReport
-from sdasync.models import Task, WorkerRecord
-from sdasync.timefmt import iso
 
 
 class SubmitResponse(BaseModel):
@@ -47,6 +47,21 @@ class HistoryEntry(BaseModel):
     error: TaskError | None
 
 
+class DeliveryEntry(BaseModel):
+    at: str
+    status: int | None = Field(description="the receiver's HTTP status; null when it did not answer")
+    error: str | None
+
+
+class WebhookInfo(BaseModel):
+    url: str
+    events: list[str]
+    eventId: str | None = Field(description="the completed event's webhook-id, the same on every retry")
+    state: str | None = Field(description="pending, delivered or abandoned; null before the task finishes")
+    nextTryAt: str | None
+    deliveries: list[DeliveryEntry]
+
+
 class TaskResponse(BaseModel):
     taskId: str
     status: str
@@ -60,6 +75,23 @@ class TaskResponse(BaseModel):
     result: TaskResult | None
     error: TaskError | None
     history: list[HistoryEntry] = Field(description="one record per attempt, oldest first")
+    deadline: str | None = Field(description="when the task must be finished, else it ends cancelled")
+    gpuSeconds: float = Field(description="engine time over all attempts")
+    webhook: WebhookInfo | None
+
+
+class DayUsageEntry(BaseModel):
+    day: str
+    tasks: int
+    succeeded: int
+    gpuSeconds: float
+
+
+class UsageResponse(BaseModel):
+    tenant: str | None = Field(description="whose usage; null: every tenant's (operators)")
+    tasks: int
+    gpuSeconds: float
+    days: list[DayUsageEntry] = Field(description="UTC days with tasks, newest first")
 
 
 class TaskListResponse(BaseModel):
@@ -77,11 +109,11 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-def task_json(task: Task, blobs: BlobStore, base_url: str) -> dict[str, Any]:
-    """The task as clients see it. Image URLs are minted now (presigned URLs expire), never stored."""
+def task_json(task: Task, url: Callable[[str], str]) -> dict[str, Any]:
+    """The task as clients see it. Image URLs are minted now by ``url`` (signed URLs expire), never stored."""
     result = None
     if task.images or task.info is not None:
-        result = {"images": [blobs.url(key, base_url=base_url) for key in task.images], "info": task.info}
+        result = {"images": [url(key) for key in task.images], "info": task.info}
     return {
         "taskId": task.task_id,
         "status": task.status.value,
@@ -95,7 +127,22 @@ def task_json(task: Task, blobs: BlobStore, base_url: str) -> dict[str, Any]:
         "result": result,
         "error": task.error.to_dict() if task.error else None,
         "history": [history_json(entry) for entry in task.history],
+        "deadline": iso(task.deadline),
+        "gpuSeconds": round(task.gpu_seconds, 3),
+        "webhook": webhook_json(task),
     }
+
+
+def webhook_json(task: Task) -> dict[str, Any] | None:
+    spec = webhook_of(task.extra)
+    if spec is None:
+        return None
+    outbox = task.outbox
+    return {"url": spec.url, "events": sorted(str(e) for e in spec.events),
+            "eventId": outbox.event_id if outbox else None, "state": str(outbox.state) if outbox else None,
+            "nextTryAt": iso(outbox.due_at) if outbox else None,
+            "deliveries": [{"at": iso(a.at), "status": a.status, "error": a.error}
+                           for a in (outbox.attempts if outbox else ())]}
 
 
 def _read(record: object, *names: str) -> Any:

@@ -10,10 +10,12 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from sdasync.auth.quotas import StartGate
 from sdasync.backends.registry import open_engine
 from sdasync.config import Settings
 from sdasync.errors import ConfigError
-from sdasync.service import open_backends
+from sdasync.service import Backends, open_backends
+from sdasync.webhooks.direct import DirectEvents
 from sdasync.worker import faults
 from sdasync.worker.interruption import SpotInterruptionWatcher
 from sdasync.worker.loop import Worker, WorkerConfig
@@ -42,9 +44,10 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
                               f"which leaves no room for --max-attempts {settings.max_attempts}; raise the "
                               f"queue's max_receives above it")
         protection = _asg_protection(args, settings)
+        events = _events(backends, settings)
         worker = Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, engine=engine,
                         config=config, on_busy=protection.busy if protection is not None else None,
-                        payloads=backends.payloads)
+                        payloads=backends.payloads, gate=StartGate(backends.store), events=events)
         install_stop_handlers(worker.request_stop)
         if args.parent_pid:
             from sdasync.supervisor import watch_parent
@@ -57,11 +60,20 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
                        max_tasks=getattr(args, "max_tasks", None) or settings.max_tasks,
                        max_idle_s=_max_idle(args, settings))
         finally:
+            events.close()
             if watcher is not None:
                 watcher.stop()
             if protection is not None:
                 protection.close()
     return worker.exit_code
+
+
+def _events(backends: Backends, settings: Settings) -> DirectEvents:
+    """The start and progress webhook events, sent by this worker directly (best effort)."""
+    from sdasync.trust import secret_source
+
+    return DirectEvents(secret_for=secret_source(backends.store, settings), allow=settings.webhook_allow,
+                        connect_timeout_s=settings.webhook_timeout, read_timeout_s=settings.webhook_timeout)
 
 
 def _max_idle(args: argparse.Namespace, settings: Settings) -> float | None:
