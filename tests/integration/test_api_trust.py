@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +23,8 @@ from sdasync.auth.keys import KeyRing
 from sdasync.backends.sqlite.store import SqliteTaskStore
 from sdasync.config import Settings
 from sdasync.models import TaskStatus
+from sdasync.service import open_backends
+from sdasync.trust import records_of
 
 BODY = {"api": "/sdapi/v1/txt2img", "payload": {"prompt": "a lighthouse", "steps": 2}}
 
@@ -149,22 +152,45 @@ def test_the_queue_depth_cap_refuses_everyone(tmp_path: Path) -> None:
         assert refused.json()["error"]["code"] == "queue_full"
 
 
-def test_fifty_concurrent_submits_with_one_idempotency_key_make_one_task(client: TestClient,
-                                                                         keys: KeyRing) -> None:
-    key, _ = keys.create("acme")
-    headers = {**bearer(key), "Idempotency-Key": "order-1234"}
-    start = threading.Barrier(50)
+def aws_settings(tmp_path: Path) -> Settings:
+    from sdasync.bootstrap import bootstrap
 
-    def submit(_: int) -> tuple[int, str]:
-        start.wait()
-        response = client.post("/task", json=BODY, headers=headers)
-        return response.status_code, response.json()["taskId"]
+    suffix = uuid.uuid4().hex[:8]
+    urls = {"queue": f"sqs://trust-{suffix}", "store": f"dynamodb://trust_{suffix}",
+            "blobs": f"s3://trust-{suffix}/results"}
+    bootstrap(urls)
+    return Settings(data_dir=tmp_path, auth=True, queue=urls["queue"], store=urls["store"], blobs=urls["blobs"])
 
-    with ThreadPoolExecutor(50) as pool:
-        answers = list(pool.map(submit, range(50)))
-    assert len({task_id for _, task_id in answers}) == 1
-    assert sorted(status for status, _ in answers) == [200] * 49 + [202]
-    assert len(client.get("/tasks", headers=bearer(key)).json()["tasks"]) == 1
+
+@pytest.mark.parametrize("backend", ["sqlite", "aws"])
+def test_fifty_concurrent_submits_with_one_idempotency_key_make_one_task(tmp_path: Path, backend: str,
+                                                                         request: pytest.FixtureRequest) -> None:
+    if backend == "aws":
+        request.getfixturevalue("aws_endpoint")
+        settings = aws_settings(tmp_path)
+    else:
+        settings = Settings(data_dir=tmp_path, auth=True)
+    # Two API processes' worth of apps, each with its own backends, sharing the one store and queue.
+    with open_backends(settings) as backends, \
+            TestClient(create_app(settings), base_url="http://127.0.0.1:8080") as first, \
+            TestClient(create_app(settings), base_url="http://127.0.0.1:8080") as second:
+        key, _ = KeyRing(records_of(backends.store)).create("acme")
+        headers = {**bearer(key), "Idempotency-Key": "order-1234"}
+        start = threading.Barrier(50)
+
+        def submit(i: int) -> tuple[int, str]:
+            start.wait()
+            response = (first if i % 2 else second).post("/task", json=BODY, headers=headers)
+            assert response.status_code in (200, 202), response.text
+            return response.status_code, response.json()["taskId"]
+
+        with ThreadPoolExecutor(50) as pool:
+            answers = list(pool.map(submit, range(50)))
+        assert len({task_id for _, task_id in answers}) == 1
+        assert sorted(status for status, _ in answers) == [200] * 49 + [202]
+        assert len(backends.store.list(tenant="acme").tasks) == 1
+        depth = backends.queue.depth()
+        assert depth.visible + depth.delayed + depth.in_flight == 1, "one message, for the one task"
 
 
 def test_an_idempotency_key_with_another_body_is_a_422_and_keys_are_per_tenant(client: TestClient,

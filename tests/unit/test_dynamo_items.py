@@ -27,9 +27,10 @@ from sdasync.backends.aws.dynamo_items import (
     transition_condition,
     update_expression,
 )
-from sdasync.backends.aws.dynamo_records import encode_data, item_to_record, record_key
+from sdasync.backends.aws.dynamo_records import item_to_record, record_key
 from sdasync.backends.aws.dynamo_tenants import TenantCache, listing_index, tenant_condition, token_of_item
 from sdasync.backends.aws.dynamodb import DynamoTaskStore
+from sdasync.backends.records import encode_data
 from sdasync.errors import ConfigError, RequestError
 from sdasync.models import Api, AttemptRecord, Task, TaskError, TaskStatus
 from sdasync.outbox import DeliveryAttempt, Event, Outbox, OutboxState

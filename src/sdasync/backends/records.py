@@ -12,6 +12,8 @@ values (strings, numbers, booleans, None, lists, dicts), read back equal to what
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -76,3 +78,48 @@ def check_record_key(kind: str, key: str) -> None:
         raise ValueError(f"invalid record kind {kind!r}")
     if not isinstance(key, str) or not KEY_FORMAT.fullmatch(key):
         raise ValueError(f"invalid record key {key!r}")
+
+
+def encode_data(data: Any) -> str:
+    """``data`` as the compact JSON both stores keep. Raises ValueError unless it is a dict of plain values (str
+    keys; str, int, float, bool, None, list, dict) that fits MAX_DATA_BYTES."""
+    if not isinstance(data, dict):
+        raise ValueError(f"record data must be a dict, not {type(data).__name__}")
+    _check_plain(data, depth=0)
+    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    if len(text.encode("utf-8")) > MAX_DATA_BYTES:
+        raise ValueError(f"record data is over {MAX_DATA_BYTES} bytes as JSON")
+    return text
+
+
+def _check_plain(value: Any, *, depth: int) -> None:
+    # What json.dumps would quietly change (tuples to lists, int keys to strings) is refused instead, so that
+    # data reads back equal to what was written, on every backend alike.
+    if depth > 32:
+        raise ValueError("record data is nested too deeply")
+    if value is None or isinstance(value, bool | int | str):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("record data may not hold NaN or infinity")
+        return
+    if isinstance(value, list):
+        for item in value:
+            _check_plain(item, depth=depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"record data keys must be strings, not {type(key).__name__}")
+            _check_plain(item, depth=depth + 1)
+        return
+    raise ValueError(f"record data may not hold a {type(value).__name__}")
+
+
+def check_expiry(expires_at: Any) -> float | None:
+    """``expires_at`` as a float (or None). Raises ValueError for anything but a finite number or None."""
+    if expires_at is None:
+        return None
+    if isinstance(expires_at, bool) or not isinstance(expires_at, int | float) or not math.isfinite(expires_at):
+        raise ValueError("expires_at must be a finite number of epoch seconds or None")
+    return float(expires_at)

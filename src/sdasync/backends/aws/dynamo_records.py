@@ -20,7 +20,6 @@ for a short while (moto is consistent).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,7 +31,7 @@ from sdasync.backends.aws.dynamo_items import EXPIRES_AT, INDEX_ALL, KEY, LIST_A
 from sdasync.backends.aws.dynamo_queries import query_items
 from sdasync.backends.aws.dynamo_workers import is_worker_key
 from sdasync.backends.cursor import decode_cursor, encode_cursor
-from sdasync.backends.records import MAX_DATA_BYTES, Record, RecordPage, check_record_key
+from sdasync.backends.records import Record, RecordPage, check_expiry, check_record_key, encode_data
 from sdasync.errors import RecordConflict, RequestError
 
 RECORD_PREFIX = "rec#"
@@ -48,49 +47,6 @@ def is_reserved_key(task_id: str) -> bool:
 
 def record_key(kind: str, key: str) -> dict[str, Any]:
     return {KEY: {"S": f"{RECORD_PREFIX}{kind}#{key}"}}
-
-
-def encode_data(data: Any) -> str:
-    """``data`` as compact JSON. Raises ValueError unless it is a dict of plain values (str keys; str, int, float,
-    bool, None, list, dict) within MAX_DATA_BYTES: what JSON would quietly change (tuples, int keys) is refused,
-    so data reads back equal to what was written."""
-    if not isinstance(data, dict):
-        raise ValueError(f"record data must be a dict, not {type(data).__name__}")
-    _check_plain(data, depth=0)
-    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
-    if len(text.encode("utf-8")) > MAX_DATA_BYTES:
-        raise ValueError(f"record data is over {MAX_DATA_BYTES} bytes as JSON")
-    return text
-
-
-def _check_plain(value: Any, *, depth: int) -> None:
-    if depth > 32:
-        raise ValueError("record data is nested too deeply")
-    if value is None or isinstance(value, bool | int | str):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError("record data may not hold NaN or infinity")
-        return
-    if isinstance(value, list):
-        for item in value:
-            _check_plain(item, depth=depth + 1)
-        return
-    if isinstance(value, dict):
-        for name, item in value.items():
-            if not isinstance(name, str):
-                raise ValueError(f"record data keys must be strings, not {type(name).__name__}")
-            _check_plain(item, depth=depth + 1)
-        return
-    raise ValueError(f"record data may not hold a {type(value).__name__}")
-
-
-def _check_expiry(expires_at: Any) -> float | None:
-    if expires_at is None:
-        return None
-    if isinstance(expires_at, bool) or not isinstance(expires_at, int | float) or not math.isfinite(expires_at):
-        raise ValueError("expires_at must be a finite number of epoch seconds or None")
-    return float(expires_at)
 
 
 def item_to_record(item: Mapping[str, Any]) -> Record:
@@ -120,7 +76,7 @@ def put_record(client: Any, table: str, kind: str, key: str, data: Any, *, versi
     ValueError; botocore errors pass through."""
     check_record_key(kind, key)
     text = encode_data(data)
-    expiry = _check_expiry(expires_at)
+    expiry = check_expiry(expires_at)
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
         raise ValueError("version must be a positive integer or None")
     record = Record(kind=kind, key=key, data=json.loads(text), version=1 if version is None else version + 1,

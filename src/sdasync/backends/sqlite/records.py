@@ -14,13 +14,12 @@ than a bounded cleanup.
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 from collections.abc import Mapping
 from typing import Any
 
 from sdasync.backends.cursor import decode_cursor, encode_cursor
-from sdasync.backends.records import MAX_DATA_BYTES, Record, RecordPage, check_record_key
+from sdasync.backends.records import Record, RecordPage, check_expiry, check_record_key, encode_data
 from sdasync.errors import RecordConflict, RequestError
 
 SCHEMA = (
@@ -52,50 +51,6 @@ REPLACE = (f"UPDATE records SET data = ?, version = version + 1, expires_at = ?"
            f" WHERE kind = ? AND key = ? AND version = ? AND {_LIVE}")
 PRUNE = ("DELETE FROM records WHERE rowid IN"
          " (SELECT rowid FROM records WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?)")
-
-
-def encode_data(data: Any) -> str:
-    """``data`` as the compact JSON the table holds. Raises ValueError unless it is a dict of plain values
-    (str keys; str, int, float, bool, None, list, dict) that fits MAX_DATA_BYTES."""
-    if not isinstance(data, dict):
-        raise ValueError(f"record data must be a dict, not {type(data).__name__}")
-    _check_plain(data, depth=0)
-    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
-    if len(text.encode("utf-8")) > MAX_DATA_BYTES:
-        raise ValueError(f"record data is over {MAX_DATA_BYTES} bytes as JSON")
-    return text
-
-
-def _check_plain(value: Any, *, depth: int) -> None:
-    # What json.dumps would quietly change (tuples to lists, int keys to strings) is refused instead, so that
-    # data reads back equal to what was written, on every backend alike.
-    if depth > 32:
-        raise ValueError("record data is nested too deeply")
-    if value is None or isinstance(value, bool | int | str):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError("record data may not hold NaN or infinity")
-        return
-    if isinstance(value, list):
-        for item in value:
-            _check_plain(item, depth=depth + 1)
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ValueError(f"record data keys must be strings, not {type(key).__name__}")
-            _check_plain(item, depth=depth + 1)
-        return
-    raise ValueError(f"record data may not hold a {type(value).__name__}")
-
-
-def check_expiry(expires_at: Any) -> float | None:
-    if expires_at is None:
-        return None
-    if isinstance(expires_at, bool) or not isinstance(expires_at, int | float) or not math.isfinite(expires_at):
-        raise ValueError("expires_at must be a finite number of epoch seconds or None")
-    return float(expires_at)
 
 
 def fetch(conn: sqlite3.Connection, kind: str, key: str, now: float) -> Record | None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from sdasync.backends.base import TaskPage, check_changes, check_transition
-from sdasync.backends.records import Record, RecordPage, check_record_key
+from sdasync.backends.records import Record, RecordPage, check_record_key, encode_data
 from sdasync.backends.sqlite import records as record_rows
 from sdasync.backends.sqlite import task_rows as rows
 from sdasync.backends.sqlite import workers as worker_rows
@@ -264,7 +264,7 @@ class SqliteTaskStore:
                    expires_at: float | None = None) -> Record:
         # Validated before the write lock is taken: bad input costs no lock.
         check_record_key(kind, key)
-        record_rows.encode_data(data)
+        encode_data(data)
         with self._write() as conn:
             return record_rows.put(conn, kind, key, data, version=version, expires_at=expires_at,
                                    now=self._clock())
