@@ -55,7 +55,7 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-ROUTES = [("GET", "/task?taskId=" + "0" * 32), ("GET", "/tasks/" + "0" * 32), ("GET", "/tasks"),
+ROUTES = [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/task?taskId=" + "0" * 32), ("GET", "/tasks/" + "0" * 32), ("GET", "/tasks"),
           ("DELETE", "/tasks/" + "0" * 32), ("DELETE", "/task?taskId=" + "0" * 32), ("GET", "/usage"),
           ("POST", "/task")]
 
@@ -74,6 +74,7 @@ def test_every_route_but_healthz_is_a_401_without_a_valid_key(client: TestClient
 def test_x_api_key_works_too(client: TestClient, keys: KeyRing) -> None:
     key, _ = keys.create("acme")
     assert client.get("/tasks", headers={"X-API-Key": key}).status_code == 200
+    assert client.get("/openapi.json", headers={"X-API-Key": key}).json()["info"]["title"] == "sdasync"
 
 
 def test_healthz_reveals_nothing_internal_without_an_operator_key(client: TestClient, keys: KeyRing) -> None:

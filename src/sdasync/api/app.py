@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None, *, backends: Backends | None = 
     app.state.settings = settings
     app.state.health_checks = dict(health_checks or {})
     app.include_router(router)
+    app.add_middleware(DocsNeedKey)
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
@@ -170,3 +172,30 @@ class BodyLimit:
 
 class RequestTooLarge(Exception):
     pass
+
+
+#: FastAPI's own pages, which take no dependencies of ours.
+DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+class DocsNeedKey:
+    """Where keys are required, the schema and its pages are like every other route but /healthz: a 401
+    without a valid key."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path") in DOC_PATHS:
+            gate: Gate | None = getattr(scope["app"].state, "gate", None)
+            if gate is not None and gate.required:
+                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers") or []}
+                try:
+                    await run_in_threadpool(gate.caller, headers)
+                except SdasyncError as exc:
+                    response = JSONResponse(error_json(exc.code, exc.message), status_code=exc.http_status,
+                                            headers={"WWW-Authenticate": 'Bearer realm="sdasync"'}
+                                            if isinstance(exc, Unauthorized) else None)
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)

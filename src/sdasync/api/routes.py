@@ -48,7 +48,10 @@ TASK_ID_FORMAT = re.compile(r"[0-9a-f]{32}", re.ASCII)
 RESULT_KEY = re.compile(r"(?:(?P<tenant>[a-z0-9][a-z0-9_-]{0,62})/)?[0-9a-f]{32}/[0-9]{1,4}\.png", re.ASCII)
 #: Bodies larger than this are parsed in a worker thread: a 20 MB JSON document holds the event loop for a while.
 INLINE_PARSE_MAX = 64 * 1024
-TASK_ID = Query(alias="taskId", description="the id POST /task returned")
+def _task_id_query() -> Any:
+    # One Query per route: FastAPI builds a route's parameters on its first request, and two routes building from
+    # one shared FieldInfo at once (concurrent first requests) race inside pydantic.
+    return Query(alias="taskId", description="the id POST /task returned")
 
 
 def _service(request: Request) -> TaskService:
@@ -136,7 +139,8 @@ router.add_api_route("/tasks", submit_task, methods=["POST"], status_code=202, r
 
 
 @router.get("/task", response_model=TaskResponse, responses=_errors(401, 404, 422, 503), tags=["tasks"])
-def get_task_by_query(request: Request, who: CallerDep, task_id: Annotated[str, TASK_ID]) -> dict[str, Any]:
+def get_task_by_query(request: Request, who: CallerDep,
+                      task_id: Annotated[str, _task_id_query()]) -> dict[str, Any]:
     """The task's status, progress, image URLs and generation info (the original API's form)."""
     return _task_response(request, task_id, who)
 
@@ -171,7 +175,8 @@ def cancel_task(request: Request, who: CallerDep, task_id: str) -> dict[str, Any
 
 
 @router.delete("/task", response_model=TaskResponse, responses=_errors(401, 404, 409, 422, 503), tags=["tasks"])
-def cancel_task_by_query(request: Request, who: CallerDep, task_id: Annotated[str, TASK_ID]) -> dict[str, Any]:
+def cancel_task_by_query(request: Request, who: CallerDep,
+                         task_id: Annotated[str, _task_id_query()]) -> dict[str, Any]:
     """Cancel a queued or running task (query-string form)."""
     return _cancel(request, task_id, who)
 
