@@ -55,7 +55,8 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-ROUTES = [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/task?taskId=" + "0" * 32), ("GET", "/tasks/" + "0" * 32), ("GET", "/tasks"),
+ROUTES = [("GET", "/openapi.json"), ("GET", "/docs"),
+          ("GET", "/task?taskId=" + "0" * 32), ("GET", "/tasks/" + "0" * 32), ("GET", "/tasks"),
           ("DELETE", "/tasks/" + "0" * 32), ("DELETE", "/task?taskId=" + "0" * 32), ("GET", "/usage"),
           ("POST", "/task")]
 
