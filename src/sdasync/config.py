@@ -230,6 +230,14 @@ class Settings(_Section):
                              f"of its own")
         return self
 
+    @model_validator(mode="after")
+    def _events_outlive_their_retries(self) -> Settings:
+        # A finished task is deleted after the retention: its completed event must be delivered or abandoned first.
+        if self.webhook_retry_for > self.retention_s:
+            raise ValueError(f"--webhook-retry-for {self.webhook_retry_for:g} s is longer than --retention-days "
+                             f"{self.retention_days:g}: a task would be deleted while its webhook is still retried")
+        return self
+
     @property
     def queue_url(self) -> str:
         return self.queue or url_for_path("sqlite", self.data_dir / "sdasync.db")

@@ -4,8 +4,10 @@ A key is claimed by creating a record (kind ``idem``, key ``<tenant>#<sha256 of 
 task about to be created and a hash of the body. The create is a compare-and-set, so of any number of concurrent
 requests with one key, across processes, exactly one claims it and submits; the others read the record and
 return its task (waiting a moment for it to be written: the winner sends the message, then writes the task). A
-different body under a claimed key is refused. A claim whose task never appeared (its process died between the
-claim and the write) is taken over after ``TAKEOVER_S``.
+different body under a claimed key is refused. A claim whose task has not appeared after ``TAKEOVER_S`` (its
+process died between the claim and the write, or is very slow) is taken over under the SAME task id: if the first
+request does write its task after all, the two writes collide on the id and the later one answers as a replay
+(``TaskService.submit_request``), so one key never makes two tasks.
 """
 
 from __future__ import annotations
@@ -76,16 +78,16 @@ class Idempotency:
             return Claim(task_id=str(current.data["task_id"]), owner=False, record=current)
         raise RequestError("this Idempotency-Key keeps changing hands; try again", field="idempotency-key")
 
-    def take_over(self, claim: Claim, task_id: str) -> Claim | None:
-        """Move a stale claim (its task never written) to ``task_id``; None when someone else moved it first."""
+    def take_over(self, claim: Claim) -> Claim | None:
+        """Own a stale claim (its task not written), keeping its task id; None when someone else took it first."""
         now = self.clock()
-        data = {**claim.record.data, "task_id": task_id, "at": now}
+        data = {**claim.record.data, "at": now}
         try:
             record = self.records.put_record(KIND, claim.record.key, data, version=claim.record.version,
                                              expires_at=now + self.ttl_s)
         except RecordConflict:
             return None
-        return Claim(task_id=task_id, owner=True, record=record)
+        return Claim(task_id=claim.task_id, owner=True, record=record)
 
     def stale(self, claim: Claim) -> bool:
         return self.clock() - float(claim.record.data.get("at", 0.0)) > TAKEOVER_S

@@ -73,22 +73,25 @@ class Intake:
         """The task to queue (not yet sent nor written), or the original of a replay. Raises RequestError,
         LimitExceeded, TaskConflict (the key's first request is still being written), BackendError."""
         api, payload = validate_request(body, self.settings.limits)
-        now = self.clock()
-        wanted = submission(body, now=now, cancel_after=cancel_after, max_task_age=self.settings.max_task_age)
-        if wanted.webhook is not None:
-            check_url(wanted.webhook.url, self.settings.webhook_allow)
         task_id = new_task_id()
         claim = None
         if idempotency_key is not None:
+            # Before the checks that depend on time or DNS (a deadline now past, a resolver down): a retry of a
+            # request that was accepted is answered with its task, whatever those would say now.
             if self.idempotency is None:
                 raise RequestError("this task store keeps no idempotency keys", field="idempotency-key")
             claim = self.idempotency.claim(caller.tenant, idempotency_key, body_hash(body), task_id)
             if not claim.owner:
-                found = self._original(claim, task_id)
+                found = self._original(claim)
                 if isinstance(found, Task):
                     return Accepted(task=found, replay=True)
                 claim = found
+            task_id = claim.task_id
         try:
+            now = self.clock()
+            wanted = submission(body, now=now, cancel_after=cancel_after, max_task_age=self.settings.max_task_age)
+            if wanted.webhook is not None:
+                check_url(wanted.webhook.url, self.settings.webhook_allow)
             self._admit(caller, task_id)
         except BaseException:
             if claim is not None and self.idempotency is not None:
@@ -117,7 +120,7 @@ class Intake:
         if self.admission is not None and caller.key is not None and caller.key.max_queued is not None:
             self.admission.forget(caller.tenant, accepted.task.task_id)
 
-    def _original(self, claim: Claim, task_id: str) -> Task | Claim:
+    def _original(self, claim: Claim) -> Task | Claim:
         """The task of someone else's claim, once it is written; or our own claim, after taking over one whose
         task never appeared (ours is then the one to create)."""
         deadline = time.monotonic() + REPLAY_WAIT_S
@@ -129,7 +132,7 @@ class Intake:
                 pass
             assert self.idempotency is not None
             if self.idempotency.stale(claim):
-                taken = self.idempotency.take_over(claim, task_id)
+                taken = self.idempotency.take_over(claim)
                 if taken is not None:
                     return taken
             if time.monotonic() >= deadline:

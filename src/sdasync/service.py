@@ -140,7 +140,14 @@ class TaskService:
         except BaseException:
             self.intake.failed(accepted, caller)
             raise
-        self.store.create(task)
+        try:
+            self.store.create(task)
+        except TaskConflict as exc:
+            if accepted.claim is None:
+                raise
+            # Our Idempotency-Key claim was taken over (we were slow) and the taker wrote this very task id
+            # first: it is the one task of the key.
+            return Submitted(task=exc.current or self.store.get(task.task_id), created=False)
         return Submitted(task=task, created=True)
 
     def _offload(self, task: Task) -> Task:

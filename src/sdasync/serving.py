@@ -125,6 +125,9 @@ def _log_auth(settings: Settings) -> None:
 
     if auth_required(settings):
         log.info("API keys required on every route but /healthz ('sdasync keys create --tenant NAME' makes one)")
+    elif settings.auth is False:
+        log.warning("API keys NOT required (--auth false) on %s: anyone who can reach it can use the API, from "
+                    "the host names --trusted-hosts lists", settings.host)
     else:
         log.warning("API keys NOT required: listening on loopback (%s) for a first try; anyone on this machine can "
                     "use the API. --auth true (or any other bind address) turns keys on", settings.host)

@@ -68,7 +68,10 @@ def parse_deadline(value: Any, *, now: float) -> float:
             raise RequestError("deadline needs a time zone (2026-01-01T12:00:00Z)", field="deadline")
         at = parsed.timestamp()
     else:
-        at = float(value)
+        try:
+            at = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise RequestError("deadline is not a time sdasync can wait for", field="deadline") from None
     if not math.isfinite(at) or at <= now:
         raise RequestError("deadline is in the past", field="deadline")
     if at - now > MAX_DEADLINE_S:

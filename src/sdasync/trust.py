@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sdasync.auth.keys import LOCAL_TENANT
 from sdasync.auth.secretbox import open_secret_box
 from sdasync.auth.tenants import Tenants
 from sdasync.backends.base import BlobStore, TaskStore
@@ -20,8 +21,6 @@ from sdasync.models import Task
 
 log = logging.getLogger(__name__)
 
-#: The tenant whose secret signs the events of tasks submitted without a key.
-LOCAL_TENANT = "local"
 
 
 def records_of(store: TaskStore) -> RecordStore:
@@ -33,10 +32,13 @@ def records_of(store: TaskStore) -> RecordStore:
 def secret_source(store: TaskStore, settings: Settings) -> Callable[[str], str | None]:
     """``secret_for(tenant)``: the tenant's webhook secret, opened; for ``""``, the ``local`` tenant's."""
     tenants = Tenants(records_of(store), open_secret_box(settings.secrets_url))
+    made: list[bool] = []
 
     def secret_for(tenant: str) -> str | None:
         if not tenant:
-            tenants.ensure(LOCAL_TENANT)
+            if not made:  # once per process: it exists from then on
+                tenants.ensure(LOCAL_TENANT)
+                made.append(True)
             return tenants.webhook_secret(LOCAL_TENANT)
         return tenants.webhook_secret(tenant)
 
@@ -46,10 +48,11 @@ def secret_source(store: TaskStore, settings: Settings) -> Callable[[str], str |
 def renderer(blobs: BlobStore, settings: Settings) -> Callable[[Task], dict[str, Any]]:
     """The ``data`` of an event: the task as ``GET /tasks/{id}`` shows it, image URLs minted for the API's public
     address (signed, for the embedded store)."""
+    from sdasync.api.hosts import fallback_base_url
     from sdasync.api.schemas import task_json
     from sdasync.api.urlsign import UrlSigner, load_secret
 
-    base = (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/") + "/"
+    base = (settings.public_url or fallback_base_url(settings)).rstrip("/") + "/"
     signer = None
     if "served_by_api" in blobs.capabilities:
         signer = UrlSigner(load_secret(settings.url_secret, settings.url_secret_path), ttl_s=settings.url_ttl)

@@ -13,6 +13,9 @@ from sdasync.config import Limits, Settings
 
 SEED_BODY = {"api": "/sdapi/v1/txt2img", "payload": {"prompt": "(masterpiece), portrait, chainmail", "steps": 20}}
 
+#: Key-less mode answers only requests addressed to a trusted host (a defence against DNS rebinding).
+LOCAL_URL = "http://127.0.0.1:8080"
+
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
@@ -21,7 +24,8 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, health_checks={"engine": lambda: {"ok": True, "engine": "test"}})) as client:
+    app = create_app(settings, health_checks={"engine": lambda: {"ok": True, "engine": "test"}})
+    with TestClient(app, base_url=LOCAL_URL) as client:
         yield client
 
 
@@ -185,7 +189,7 @@ def test_unexpected_errors_answer_json(settings: Settings) -> None:
     def boom() -> None:
         raise RuntimeError("kaput")
 
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, raise_server_exceptions=False, base_url=LOCAL_URL) as client:
         response = client.get("/boom")
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal_error"

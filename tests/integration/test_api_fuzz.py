@@ -27,6 +27,9 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 SEED = 20261125
 VALID = {"api": "/sdapi/v1/txt2img", "payload": {"prompt": "a lighthouse", "steps": 20}}
 
+#: Key-less mode answers only requests addressed to a trusted host (a defence against DNS rebinding).
+LOCAL_URL = "http://127.0.0.1:8080"
+
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
@@ -35,7 +38,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     settings = Settings(data_dir=tmp_path_factory.mktemp("fuzz"), limits=Limits(max_body_bytes=256 * 1024))
     with open_backends(settings) as backends:
         app = create_app(settings, backends=backends, health_checks={"engine": lambda: {"ok": True}})
-        with TestClient(app, raise_server_exceptions=False) as client:
+        with TestClient(app, raise_server_exceptions=False, base_url=LOCAL_URL) as client:
             yield client
 
 

@@ -38,9 +38,12 @@ WEBUIAPI_TXT2IMG: dict[str, Any] = {
     "alwayson_scripts": {},
 }
 
+#: Key-less mode answers only requests addressed to a trusted host (a defence against DNS rebinding).
+LOCAL_URL = "http://127.0.0.1:8080"
+
 
 def make_client(settings: Settings) -> TestClient:
-    return TestClient(create_app(settings, health_checks={"engine": lambda: {"ok": True}}))
+    return TestClient(create_app(settings, health_checks={"engine": lambda: {"ok": True}}), base_url=LOCAL_URL)
 
 
 @pytest.fixture
@@ -187,8 +190,8 @@ def test_crafted_cursors_are_a_422(client: TestClient, cursor: str) -> None:
     refused(client.get("/tasks", params={"cursor": cursor}), 422, "cursor")
 
 
-def succeeded_task(client: TestClient) -> str:
-    task_id: str = client.post("/task", json=SEED_BODY).json()["taskId"]
+def succeeded_task(client: TestClient, headers: dict[str, str] | None = None) -> str:
+    task_id: str = client.post("/task", json=SEED_BODY, headers=headers).json()["taskId"]
     store = service_of(client).store
     store.transition(task_id, expected={TaskStatus.QUEUED}, to=TaskStatus.RUNNING, changes={"attempts": 1})
     store.transition(task_id, expected={TaskStatus.RUNNING}, to=TaskStatus.SUCCEEDED,
@@ -196,10 +199,22 @@ def succeeded_task(client: TestClient) -> str:
     return task_id
 
 
-def image_urls(client: TestClient, task_id: str, host: str) -> list[str]:
-    answers = [client.get(f"/tasks/{task_id}", headers={"host": host}),
-               client.get("/task", params={"taskId": task_id}, headers={"host": host}),
-               client.get("/tasks", headers={"host": host})]
+def keyed(settings: Settings) -> tuple[TestClient, dict[str, str]]:
+    """A client of an API that requires keys, and a key's header: a forged Host reaches only such an API (key-less
+    mode refuses untrusted hosts outright)."""
+    from sdasync.auth.keys import KeyRing
+    from sdasync.backends.sqlite.store import SqliteTaskStore
+
+    with SqliteTaskStore(path=settings.data_dir / "sdasync.db") as store:
+        key, _ = KeyRing(store).create("acme")
+    return make_client(settings.model_copy(update={"auth": True})), {"Authorization": f"Bearer {key}"}
+
+
+def image_urls(client: TestClient, task_id: str, host: str, key: dict[str, str]) -> list[str]:
+    headers = {"host": host, **key}
+    answers = [client.get(f"/tasks/{task_id}", headers=headers),
+               client.get("/task", params={"taskId": task_id}, headers=headers),
+               client.get("/tasks", headers=headers)]
     assert all(answer.status_code == 200 for answer in answers)
     urls = list(answers[0].json()["result"]["images"]) + list(answers[1].json()["result"]["images"])
     urls += [url for task in answers[2].json()["tasks"] for url in (task["result"] or {}).get("images", [])]
@@ -208,36 +223,44 @@ def image_urls(client: TestClient, task_id: str, host: str) -> list[str]:
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "localhost@evil.example",
                                   "127.0.0.1.evil.example", "localhost/evil.example", "[::1]evil.example"])
-def test_a_forged_host_never_appears_in_urls(client: TestClient, host: str) -> None:
-    task_id = succeeded_task(client)
-    urls = image_urls(client, task_id, host)
+def test_a_forged_host_never_appears_in_urls(settings: Settings, client: TestClient, host: str) -> None:
+    # Key-less, a request addressed to an untrusted name is refused (DNS rebinding through a browser).
+    refused(client.get("/tasks", headers={"host": host}), 401)
+    refused(client.post("/task", json=SEED_BODY, headers={"host": host}), 401)
+    with_keys, key = keyed(settings)
+    with with_keys as client:
+        task_id = succeeded_task(client, key)
+        urls = image_urls(client, task_id, host, key)
+        response = client.post("/task", json=SEED_BODY, headers={"host": host, **key})
     assert urls and all(url.startswith("http://127.0.0.1:8080/results/") for url in urls), urls
-    response = client.post("/task", json=SEED_BODY, headers={"host": host})
     assert response.status_code == 202
     assert response.headers["location"].startswith("http://127.0.0.1:8080/tasks/")
     assert "evil" not in response.headers["location"]
 
 
 def test_trusted_hosts_and_public_url(tmp_path: Path) -> None:
-    with make_client(Settings(data_dir=tmp_path / "a")) as client:
-        task_id = succeeded_task(client)
+    with_keys, key = keyed(Settings(data_dir=tmp_path / "a"))
+    with with_keys as client:
+        task_id = succeeded_task(client, key)
         # Image URLs are signed (exp, sig): the part before the query is what the Host header decides.
-        assert image_urls(client, task_id, "localhost:8080")[0].split("?")[0] == \
+        assert image_urls(client, task_id, "localhost:8080", key)[0].split("?")[0] == \
             f"http://localhost:8080/results/{task_id}/0.png"
-        assert image_urls(client, task_id, "[::1]:8080")[0].startswith("http://[::1]:8080/results/")
+        assert image_urls(client, task_id, "[::1]:8080", key)[0].startswith("http://[::1]:8080/results/")
         # A trusted name with another port than the one served is forged too.
-        assert image_urls(client, task_id, "localhost:1234")[0].split("?")[0] == \
+        assert image_urls(client, task_id, "localhost:1234", key)[0].split("?")[0] == \
             f"http://127.0.0.1:8080/results/{task_id}/0.png"
-    with make_client(Settings(data_dir=tmp_path / "b", trusted_hosts=frozenset({"api.example"}))) as client:
-        task_id = succeeded_task(client)
-        assert image_urls(client, task_id, "api.example")[0].startswith("http://api.example/results/")
-        assert image_urls(client, task_id, "localhost")[0].startswith("http://127.0.0.1:8080/results/")
+    with_keys, key = keyed(Settings(data_dir=tmp_path / "b", trusted_hosts=frozenset({"api.example"})))
+    with with_keys as client:
+        task_id = succeeded_task(client, key)
+        assert image_urls(client, task_id, "api.example", key)[0].startswith("http://api.example/results/")
+        assert image_urls(client, task_id, "localhost", key)[0].startswith("http://127.0.0.1:8080/results/")
     public = "https://sd.example/base"
-    with make_client(Settings(data_dir=tmp_path / "c", public_url=public)) as client:
-        task_id = succeeded_task(client)
+    with_keys, key = keyed(Settings(data_dir=tmp_path / "c", public_url=public))
+    with with_keys as client:
+        task_id = succeeded_task(client, key)
         for host in ("localhost", "sd.example", "evil.example"):
-            assert image_urls(client, task_id, host)[0].split("?")[0] == f"{public}/results/{task_id}/0.png"
-        location = client.post("/task", json=SEED_BODY, headers={"host": "localhost"}).headers["location"]
+            assert image_urls(client, task_id, host, key)[0].split("?")[0] == f"{public}/results/{task_id}/0.png"
+        location = client.post("/task", json=SEED_BODY, headers={"host": "localhost", **key}).headers["location"]
         assert location.startswith(f"{public}/tasks/")
 
 
@@ -248,7 +271,7 @@ def test_backend_failures_do_not_leak_paths(settings: Settings) -> None:
     def fails() -> None:
         raise BackendError(f"cannot read blob under {settings.data_dir}/results: permission denied")
 
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL_URL) as client:
         response = client.get("/fails")
     error = refused(response, 503)
     assert error["code"] == "backend_unavailable"

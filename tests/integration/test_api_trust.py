@@ -178,6 +178,12 @@ def test_fifty_concurrent_submits_with_one_idempotency_key_make_one_task(tmp_pat
             TestClient(create_app(settings), base_url="http://127.0.0.1:8080") as second:
         key, _ = KeyRing(records_of(backends.store)).create("acme")
         headers = {**bearer(key), "Idempotency-Key": "order-1234"}
+        for client in (first, second):
+            # FastAPI builds its routes' parameters on the first request. Under uvicorn that happens on the one
+            # event loop; TestClient runs each calling thread's request on a loop of its own, so fifty first
+            # requests at once would build them concurrently, which pydantic does not support. One request each
+            # first (refused: it makes nothing).
+            assert client.post("/task", json={}, headers=bearer(key)).status_code == 422
         start = threading.Barrier(50)
 
         def submit(i: int) -> tuple[int, str]:
@@ -312,3 +318,82 @@ def test_usage_reports_the_tenants_gpu_seconds(client: TestClient, keys: KeyRing
     assert usage["days"][0]["succeeded"] == 1
     assert client.get(f"/tasks/{task_id}", headers=bearer(key)).json()["gpuSeconds"] == 1.25
     assert client.get("/usage", headers=bearer(other)).json()["gpuSeconds"] == 0
+
+
+def test_a_slow_first_request_and_a_takeover_still_make_one_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    """The first request under a key stalls between its claim and its write (a slow send) longer than the
+    takeover time: the retry takes the claim over under the same task id, so the two writes collide and the key
+    still names one task."""
+    from sdasync import idempotency
+    from sdasync.callers import Caller
+    from sdasync.service import TaskService
+
+    monkeypatch.setattr(idempotency, "TAKEOVER_S", 0.2)
+    settings = Settings(data_dir=tmp_path)
+    with open_backends(settings) as slow_backends, open_backends(settings) as backends:
+        sent = threading.Event()
+        release = threading.Event()
+        real_send = slow_backends.queue.send
+
+        def stalled_send(body: str, *, delay_s: float = 0) -> str:
+            sent.set()
+            release.wait(10)
+            return real_send(body, delay_s=delay_s)
+
+        monkeypatch.setattr(slow_backends.queue, "send", stalled_send)
+        caller = Caller(tenant="acme")
+        slow, fast = TaskService(slow_backends), TaskService(backends)
+        results: list[Any] = []
+        first = threading.Thread(target=lambda: results.append(
+            slow.submit_request(BODY, caller, idempotency_key="k")))
+        first.start()
+        assert sent.wait(10)
+        time.sleep(0.3)  # past the (shortened) takeover time: the claim is stale now
+        retry = fast.submit_request(BODY, caller, idempotency_key="k")
+        release.set()
+        first.join(10)
+        assert retry.created and not results[0].created
+        assert results[0].task.task_id == retry.task.task_id
+        assert len(backends.store.list(tenant="acme").tasks) == 1
+
+
+def test_a_retry_after_its_deadline_passed_is_still_a_replay(client: TestClient, keys: KeyRing) -> None:
+    key, _ = keys.create("acme")
+    headers = {**bearer(key), "Idempotency-Key": "k2"}
+    deadline = time.time() + 1.5
+    first = client.post("/task", json={**BODY, "deadline": deadline}, headers=headers)
+    assert first.status_code == 202
+    wait_until(lambda: time.time() > deadline + 0.1, timeout=5)
+    again = client.post("/task", json={**BODY, "deadline": deadline}, headers=headers)
+    assert again.status_code == 200 and again.json()["taskId"] == first.json()["taskId"]
+
+
+def test_odd_values_are_422s_naming_the_field(client: TestClient, keys: KeyRing) -> None:
+    key, _ = keys.create("acme")
+    admin, _ = keys.create("ops", admin=True)
+    huge = b'{"api":"/sdapi/v1/txt2img","payload":{},"deadline":1' + b"0" * 400 + b"}"
+    response = client.post("/task", content=huge, headers={**bearer(key), "content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "deadline"
+    for path in ("/tasks?tenant=../x", "/usage?tenant=BAD"):
+        response = client.get(path, headers=bearer(admin))
+        assert response.status_code == 422 and response.json()["error"]["field"] == "tenant", path
+    assert client.get("/tasks?tenant=", headers=bearer(admin)).status_code == 200
+    assert client.get("/tasks", headers=bearer(key)).json()["tasks"] == []
+
+
+def test_the_local_tenant_is_reserved(keys: KeyRing) -> None:
+    from sdasync.errors import RequestError
+
+    with pytest.raises(RequestError, match="reserved"):
+        keys.create("local")
+
+
+def test_key_less_mode_answers_only_a_trusted_host(tmp_path: Path) -> None:
+    with TestClient(create_app(Settings(data_dir=tmp_path)), base_url="http://127.0.0.1:8080") as client:
+        assert client.get("/tasks").status_code == 200
+        assert "queue" in client.get("/healthz").json()
+        rebound = {"host": "attacker.example:8080"}  # a page that rebound its name to 127.0.0.1
+        assert client.get("/tasks", headers=rebound).status_code == 401
+        assert client.post("/task", json=BODY, headers=rebound).status_code == 401
+        assert client.get("/healthz", headers=rebound).json() == {"ok": True}

@@ -28,6 +28,9 @@ BODY = {"api": "/sdapi/v1/txt2img", "payload": {"prompt": "a lighthouse at dusk 
                                                   "height": 64, "batch_size": 2}}
 RETENTION_S = 60.0
 
+#: Key-less mode answers only requests addressed to a trusted host (a defence against DNS rebinding).
+LOCAL_URL = "http://127.0.0.1:8080"
+
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
@@ -188,7 +191,7 @@ def test_file_store_expire_by_mtime(tmp_path: Path) -> None:
 
 
 def test_purged_tasks_and_images_answer_404_through_the_api(settings: Settings, backends: Backends) -> None:
-    with TestClient(create_app(settings, backends=backends)) as client:
+    with TestClient(create_app(settings, backends=backends), base_url=LOCAL_URL) as client:
         created = client.post("/task", json=BODY)
         assert created.status_code == 202
         task_id = created.json()["taskId"]

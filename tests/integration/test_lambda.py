@@ -21,6 +21,9 @@ from sdasync.service import open_backends
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 
+#: Key-less mode answers only requests addressed to a trusted host (a defence against DNS rebinding).
+LOCAL_URL = "http://127.0.0.1:8080"
+
 
 class Context:
     function_name = "sdasync-api"
@@ -109,11 +112,13 @@ def test_same_answers_as_the_http_server(handler: Any, settings: Settings) -> No
     submit_body = event("apigw_v1_post_task.json")["body"]
     task_id = body_of(handler(post_event(submit_body), Context()))["taskId"]
     via_lambda = body_of(handler(get_event(task_id), Context()))
-    with open_backends(settings) as backends, TestClient(create_app(settings, backends=backends)) as client:
+    with open_backends(settings) as backends, \
+            TestClient(create_app(settings, backends=backends), base_url=LOCAL_URL) as client:
         via_http = client.get("/task", params={"taskId": task_id}).json()
     assert via_lambda == via_http
     bad = {"api": "/sdapi/v1/txt2img", "payload": {"steps": 0}}
-    with open_backends(settings) as backends, TestClient(create_app(settings, backends=backends)) as client:
+    with open_backends(settings) as backends, \
+            TestClient(create_app(settings, backends=backends), base_url=LOCAL_URL) as client:
         http_error = client.post("/task", json=bad)
     lambda_error = handler(post_event(json.dumps(bad)), Context())
     assert lambda_error["statusCode"] == http_error.status_code

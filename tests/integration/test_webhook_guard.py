@@ -46,7 +46,7 @@ LOCAL = frozenset({"127.0.0.1"})
     ("https://[::ffff:10.0.0.1]/", "private address (written as IPv6)"),
     ("https://[2002:7f00:1::]/", "loopback address (written as IPv6)"),  # 6to4 of 127.0.0.1
     ("https://[64:ff9b::a9fe:a9fe]/", "metadata"),  # NAT64 of 169.254.169.254
-    ("https://localhost/hook", "localhost resolves to"),
+    ("https://localhost/hook", "localhost is not a reachable public address"),
 ])
 def test_addresses_that_are_not_public_are_refused_at_submit(url: str, reason: str) -> None:
     with pytest.raises(RequestError) as caught:
@@ -68,7 +68,7 @@ def test_addresses_that_are_not_public_are_refused_at_submit(url: str, reason: s
     ("https:///hook", "no host"),
     ("https://93.184.215.14:99999/", "malformed"),
     ("", "empty"),
-    ("https://no-such-host.invalid/hook", "does not resolve"),
+    ("https://no-such-host.invalid/hook", "no-such-host.invalid is not a reachable public address"),
 ])
 def test_malformed_or_unsafe_urls_are_refused_and_name_the_field(url: str, reason: str) -> None:
     with pytest.raises(RequestError) as caught:
@@ -138,7 +138,9 @@ def test_a_receiver_on_a_refused_address_is_never_connected_to() -> None:
         assert receiver.received == []
     assert attempt.status is None and "only https" in str(attempt.error)
     assert by_https.status is None and "loopback" in str(by_https.error)
-    assert by_name.status is None and "loopback" in str(by_name.error)
+    # A name's message is the same whether it resolves privately or not at all: no map of internal names.
+    assert by_name.status is None and "not a reachable public address" in str(by_name.error)
+    assert "127.0.0.1" not in str(by_name.error)
 
 
 def test_the_metadata_address_is_refused_without_a_connection() -> None:
@@ -258,3 +260,12 @@ def test_https_connects_to_the_vetted_address_and_checks_the_certificate_for_the
     # the certificate names localhost, not the address connected to: SNI and the check use the URL's name
     assert by_address.status is None and by_address.error == "TLS certificate not valid for the host"
     assert untrusted.status is None and untrusted.error == "TLS certificate not valid for the host"
+
+
+def test_site_local_ipv6_and_non_ascii_paths_are_refused() -> None:
+    with pytest.raises(RequestError) as site_local:
+        check_url("https://[fec0::1]/hook", frozenset())
+    assert "site-local" in site_local.value.message
+    with pytest.raises(RequestError) as non_ascii:
+        check_url("http://127.0.0.1:9/hook/\u00e9", frozenset({"127.0.0.1"}))
+    assert non_ascii.value.field == "webhook" and "ASCII" in non_ascii.value.message

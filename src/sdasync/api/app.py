@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdasync import __version__
 from sdasync.api.auth import Gate, auth_required
+from sdasync.api.hosts import trusted_hosts
 from sdasync.api.routes import router
 from sdasync.api.schemas import error_json
 from sdasync.api.urlsign import UrlSigner, load_secret
@@ -51,7 +52,7 @@ def create_app(settings: Settings | None = None, *, backends: Backends | None = 
             app.state.service = TaskService.from_settings(opened, settings)
             store = opened.store
             app.state.gate = Gate(KeyRing(store) if isinstance(store, RecordStore) else None,
-                                  required=auth_required(settings))
+                                  required=auth_required(settings), trusted=trusted_hosts(settings))
             app.state.signer = None
             if "served_by_api" in opened.blobs.capabilities:
                 app.state.signer = UrlSigner(load_secret(settings.url_secret, settings.url_secret_path),

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from sdasync.api.auth import Gate, caller
-from sdasync.api.hosts import base_url
+from sdasync.api.hosts import GATEWAY_BASE_URL, base_url
 from sdasync.api.schemas import (
     ErrorResponse,
     SubmitResponse,
@@ -25,7 +25,7 @@ from sdasync.api.schemas import (
 from sdasync.api.urlsign import UrlSigner
 from sdasync.callers import Caller
 from sdasync.errors import BlobNotFound, RequestError, SdasyncError, TaskNotFound, UnsupportedMediaType
-from sdasync.models import TaskStatus
+from sdasync.models import TENANT_FORMAT, TaskStatus
 from sdasync.service import TaskService
 from sdasync.usage import MAX_DAYS, usage
 
@@ -158,9 +158,16 @@ def list_tasks(request: Request, who: CallerDep, status: TaskStatus | None = Non
                tenant: Annotated[str | None, Query(max_length=63, description=(
                    "operators only: one tenant's tasks (default: everyone's)"))] = None) -> dict[str, Any]:
     """Your tasks newest first; pass ``nextCursor`` back as ``cursor`` for the next page."""
-    page = _service(request).list(status=status, limit=limit, cursor=cursor, caller=who, tenant=tenant)
+    page = _service(request).list(status=status, limit=limit, cursor=cursor, caller=who, tenant=_tenant(tenant))
     url = _url_for(request)
     return {"tasks": [task_json(t, url) for t in page.tasks], "nextCursor": page.next_cursor}
+
+
+def _tenant(value: str | None) -> str | None:
+    """An operator's ``?tenant=``: a tenant's name, or "" for the tasks of key-less mode."""
+    if value is not None and value != "" and not TENANT_FORMAT.fullmatch(value):
+        raise RequestError("tenant must be a tenant's name (a-z, 0-9, '_', '-'; up to 63)", field="tenant")
+    return value
 
 
 def _cancel(request: Request, task_id: str, who: Caller) -> dict[str, Any]:
@@ -186,7 +193,7 @@ def get_usage(request: Request, who: CallerDep, days: Annotated[int, Query(ge=1,
               tenant: Annotated[str | None, Query(max_length=63, description=(
                   "operators only: one tenant's usage (default: everyone's)"))] = None) -> dict[str, Any]:
     """Your tasks and GPU-seconds (engine time) per UTC day, newest first."""
-    scope = tenant if who.admin else who.tenant
+    scope = _tenant(tenant) if who.admin else who.tenant
     report = usage(_service(request).store, tenant=scope, days=days)
     return {"tenant": scope, "days": [{"day": d.day, "tasks": d.tasks, "succeeded": d.succeeded,
                                        "gpuSeconds": d.gpu_seconds} for d in report],
@@ -197,12 +204,10 @@ def get_usage(request: Request, who: CallerDep, days: Annotated[int, Query(ge=1,
 def healthz(request: Request) -> JSONResponse:
     """Each backend's state, the workers' engines as their registry records say, and the process's own sections
     (serve's worker processes, its scaler); 503 when a backend is down, or workers run but none's engine is
-    ready. Where keys are required, only an operator's key sees more than ``ok``."""
+    ready. Only the operator (an admin key, or key-less mode addressed to a trusted host) sees more than
+    ``ok``."""
     gate: Gate = request.app.state.gate
-    who = gate.maybe(request.headers)
-    if gate.required and (who is None or not who.admin):
-        ok, _ = health_json(_service(request).health(), {})
-        return JSONResponse({"ok": ok}, status_code=200 if ok else 503)
+    who = gate.maybe(request.headers, via_gateway=GATEWAY_BASE_URL in request.scope)
     checks: dict[str, dict[str, Any]] = {}
     for name, check in request.app.state.health_checks.items():
         try:
@@ -211,6 +216,8 @@ def healthz(request: Request) -> JSONResponse:
             log.warning("health: %s failed: %s", name, exc)
             checks[name] = {"ok": False, "detail": "unexpected_error"}
     ok, body = health_json(_service(request).health(), checks)
+    if who is None or not who.admin:
+        body = {"ok": ok}
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -228,7 +235,7 @@ def get_result(request: Request, key: str, exp: str | None = None, sig: str | No
         # Only result images are public; this also refuses the payloads that older versions kept here.
         raise BlobNotFound("no such result")
     gate: Gate = request.app.state.gate
-    who = gate.maybe(request.headers)
+    who = gate.maybe(request.headers, via_gateway=GATEWAY_BASE_URL in request.scope)
     if who is not None and not who.admin and who.tenant != (match.group("tenant") or ""):
         raise BlobNotFound("no such result")
     try:

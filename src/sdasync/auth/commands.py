@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from sdasync.auth.keys import ApiKey, KeyRing, check_limits, check_tenant
+from sdasync.auth.keys import LOCAL_TENANT, ApiKey, KeyRing, check_key_tenant, check_limits
 from sdasync.auth.secretbox import open_secret_box
 from sdasync.auth.tenants import Tenants
 from sdasync.backends.records import RecordStore
@@ -90,7 +90,10 @@ def run(args: argparse.Namespace, settings: Settings, *, out: TextIO | None = No
             print(f"revoked {key.key_id} (tenant {key.tenant}) at {iso(key.revoked_at)}", file=stream)
             return 0
         if command == "rotate-secret":
-            secret = Tenants(store, open_secret_box(settings.secrets_url)).rotate_secret(args.tenant)
+            tenants = Tenants(store, open_secret_box(settings.secrets_url))
+            if args.tenant == LOCAL_TENANT:
+                tenants.ensure(LOCAL_TENANT)  # made by the first key-less webhook; here if none was sent yet
+            secret = tenants.rotate_secret(args.tenant)
             print(f"webhook secret: {secret}", file=stream)
             print(f"{SHOWN_ONCE} Receivers verifying with the old secret fail from now on.", file=stream)
             return 0
@@ -104,7 +107,7 @@ def _create(args: argparse.Namespace, ring: KeyRing, tenants: Tenants, out: Text
               "max_queued": args.max_queued}
     # Checked first, so a refused name or limit makes nothing. Then the tenant, so a secrets box that cannot seal
     # (a bad key file, no KMS access) makes no key either; then the key.
-    check_tenant(args.tenant)
+    check_key_tenant(args.tenant)
     check_limits(**limits)
     webhook_secret = tenants.ensure(args.tenant)
     try:

@@ -84,11 +84,24 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     return bearer or api_key
 
 
+#: The tenant whose webhook secret signs the events of key-less mode's tasks: no key is ever made for it, so no
+#: client's tasks share that secret.
+LOCAL_TENANT = "local"
+
+
 def check_tenant(tenant: str) -> str:
     """Return ``tenant`` if it is a valid tenant name (``models.TENANT_FORMAT``); else raise RequestError."""
     if not isinstance(tenant, str) or not TENANT_FORMAT.fullmatch(tenant):
         raise RequestError(f"tenant {tenant!r} is not a valid name: 1 to 63 characters of a-z, 0-9, '_' and '-', "
                            f"starting with a letter or digit", field="tenant")
+    return tenant
+
+
+def check_key_tenant(tenant: str) -> str:
+    """``check_tenant``, and not the reserved ``LOCAL_TENANT``: the tenants keys may be made for."""
+    if check_tenant(tenant) == LOCAL_TENANT:
+        raise RequestError(f"tenant {LOCAL_TENANT!r} is reserved: its secret signs key-less mode's webhooks",
+                           field="tenant")
     return tenant
 
 
@@ -103,7 +116,7 @@ class KeyRing:
                max_active: int | None = None, max_queued: int | None = None) -> tuple[str, ApiKey]:
         """A new key for ``tenant``: returns the key (shown once, never stored) and what it allows. Raises
         RequestError (naming the field) for a bad tenant name or limit, BackendError."""
-        check_tenant(tenant)
+        check_key_tenant(tenant)
         check_limits(rate=rate, burst=burst, max_active=max_active, max_queued=max_queued)
         for _ in range(_CAS_ROUNDS):
             key_id = secrets.token_hex(_ID_HEX // 2)

@@ -11,8 +11,8 @@ shared address space, multicast, unspecified, reserved or documentation ranges, 
 as IPv4-mapped, 6to4 or NAT64 IPv6. The allowlist (``--webhook-allow``) names hosts, addresses or CIDR networks;
 a host on it may resolve anywhere, an address may be reached when it or a network holding it is listed.
 
-Messages name the reason and the address a client gave or its name resolved to, never anything else about the
-server (its resolver's error, its interfaces).
+Messages name the reason and the address a client gave, never what its name resolved to (that would tell a
+client what the server's resolver answers for internal names) nor anything else about the server.
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ def why_not_public(address: IPAddress) -> str | None:
               ("link-local", address.is_link_local), ("multicast", address.is_multicast),
               ("shared address space", isinstance(address, ipaddress.IPv4Address) and address in _SHARED),
               ("private", address.is_private), ("reserved", address.is_reserved),
+              # Deprecated, but routed inside some networks still: never the public internet.
+              ("site-local", isinstance(address, ipaddress.IPv6Address) and address.is_site_local),
               ("not globally routable", not address.is_global))
     for reason, hit in checks:
         if hit:
@@ -150,7 +152,15 @@ def parse_url(url: str, allow: Allowlist) -> Target:
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
+    if not target.isascii():
+        # http.client sends ASCII only: such a URL would pass here and fail every try for a day.
+        raise _refuse("the webhook URL's path and query must be ASCII (percent-encode the rest)")
     return Target(scheme=scheme, host=host, port=port or (443 if scheme == "https" else 80), target=target)
+
+
+#: For a name: one message whether it does not resolve or resolves somewhere private, so a client cannot map
+#: which internal names exist (the message also lands in the tenant's delivery log).
+NOT_REACHABLE = "{host} is not a reachable public address"
 
 
 def vetted_addresses(host: str, port: int, allow: Allowlist | frozenset[str]) -> list[IPAddress]:
@@ -165,21 +175,22 @@ def vetted_addresses(host: str, port: int, allow: Allowlist | frozenset[str]) ->
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError):
-            raise _refuse(f"the host {host} does not resolve") from None
+            raise _refuse(NOT_REACHABLE.format(host=host)) from None
         found = []
         for info in infos:
             address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
             if address not in found:
                 found.append(address)
         if not found:
-            raise _refuse(f"the host {host} does not resolve")
+            raise _refuse(NOT_REACHABLE.format(host=host))
     if rules.lists_host(host):
         return found
     for address in found:
         reason = why_not_public(address)
         if reason is not None and not rules.lists_address(address):
-            shown = host if literal is not None else f"{host} resolves to {address}, which"
-            raise _refuse(f"{shown} is {reason}")
+            if literal is not None:
+                raise _refuse(f"{host} is {reason}")
+            raise _refuse(NOT_REACHABLE.format(host=host))
     return found
 
 

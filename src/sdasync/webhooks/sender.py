@@ -30,14 +30,23 @@ MAX_BODY_BYTES = 4096
 USER_AGENT = f"sdasync-webhooks/{__version__}"
 
 
+#: Addresses of one host tried per delivery: a name resolving to a hundred dead addresses costs no more.
+MAX_ADDRESSES = 4
+
+
 def _connect(addresses: Sequence[IPAddress], port: int, timeout_s: float) -> socket.socket:
-    """A TCP connection to the first vetted address that answers."""
+    """A TCP connection to the first vetted address that answers, all of them within ``timeout_s`` together:
+    the try's watchdog cannot reach a socket that is still connecting, so this bounds itself."""
     last: OSError | None = None
-    for address in addresses:
+    deadline = time.monotonic() + timeout_s
+    for address in addresses[:MAX_ADDRESSES]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("connect timed out")
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.settimeout(timeout_s)
+            sock.settimeout(remaining)
             sock.connect((str(address), port))
             return sock
         except OSError as exc:
@@ -53,10 +62,14 @@ class _VettedHTTPConnection(http.client.HTTPConnection):
         self._addresses = list(addresses)
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
+        #: The TCP socket as soon as it is connected, before TLS: the watchdog shuts it down to end a handshake
+        #: that a receiver drips out byte by byte.
+        self.raw: socket.socket | None = None
 
     def _tcp(self) -> socket.socket:
         sock = _connect(self._addresses, self.port, self._connect_timeout_s)
         sock.settimeout(self._read_timeout_s)
+        self.raw = sock
         return sock
 
     def connect(self) -> None:
@@ -114,10 +127,10 @@ def send(url: str, *, headers: Mapping[str, str], body: bytes, allow: Allowlist 
 
     def _expire() -> None:
         expired.set()
-        sock = conn.sock
-        if sock is not None:
-            with contextlib.suppress(OSError):  # already closed: the try ended meanwhile
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read; close() alone would not
+        for sock in (conn.sock, conn.raw):
+            if sock is not None:
+                with contextlib.suppress(OSError):  # already closed: the try ended meanwhile
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read; close() alone would not
 
     watchdog = threading.Timer(connect_timeout_s + read_timeout_s, _expire)
     watchdog.daemon = True
