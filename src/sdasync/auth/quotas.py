@@ -4,7 +4,7 @@ tenant's queued and running tasks. All state lives in the task store's backend, 
 **Rate** (``RateLimiter``): a token bucket per key id in a ``ratebucket`` record (tokens, time of the last take).
 A take re-reads the record, refills it for the time passed, takes one token and writes it back conditional on
 the version it read; a lost race re-reads. An absent (or expired) record is a full bucket, so each record
-expires once it would have refilled anyway. Clock skew between processes can only delay refill (a time before
+expires ``BUCKET_GRACE_S`` after it would have refilled anyway, never before. Clock skew between processes can only delay refill (a time before
 the record's is taken as no time passed), never add tokens.
 
 **Caps** (``Admission`` for queued tasks at submit, ``StartGate`` for running tasks at the worker): nothing is
@@ -38,6 +38,10 @@ from sdasync.errors import ConfigError, LimitExceeded, RecordConflict, TaskNotFo
 from sdasync.models import MAX_ACTIVE_KEY, Task, TaskStatus
 
 BUCKET_KIND = "ratebucket"
+#: A bucket's record outlives its refill by this much. It would read as full by then anyway (refill is computed
+#: from its time), so keeping it longer costs nothing, while expiring it early would hand out a full bucket: another
+#: process whose clock runs ahead, or a slow store, must never see a drained bucket as expired.
+BUCKET_GRACE_S = 300.0
 QUEUED_KIND = "admit-queued"
 RUNNING_KIND = "admit-running"
 #: Compare-and-set rounds before giving up. Only admissions write, so a caller loses at most one round per
@@ -78,7 +82,7 @@ class RateLimiter:
             try:
                 self.records.put_record(BUCKET_KIND, key.key_id, {"tokens": left, "at": at},
                                         version=None if record is None else record.version,
-                                        expires_at=at + (capacity - left) / rate + 1.0)
+                                        expires_at=at + (capacity - left) / rate + BUCKET_GRACE_S)
             except RecordConflict:
                 continue
             return
