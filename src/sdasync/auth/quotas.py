@@ -4,8 +4,8 @@ tenant's queued and running tasks. All state lives in the task store's backend, 
 **Rate** (``RateLimiter``): a token bucket per key id in a ``ratebucket`` record (tokens, time of the last take).
 A take re-reads the record, refills it for the time passed, takes one token and writes it back conditional on
 the version it read; a lost race re-reads. An absent (or expired) record is a full bucket, so each record
-expires ``BUCKET_GRACE_S`` after it would have refilled anyway, never before. Clock skew between processes can only delay refill (a time before
-the record's is taken as no time passed), never add tokens.
+expires ``BUCKET_GRACE_S`` after it would have refilled anyway, never before. Clock skew between processes can
+only delay refill (a time before the record's is taken as no time passed), never add tokens.
 
 **Caps** (``Admission`` for queued tasks at submit, ``StartGate`` for running tasks at the worker): nothing is
 counted up and down, so nothing can drift after a crash. The count is read from the tasks themselves, the
