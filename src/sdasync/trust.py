@@ -29,18 +29,19 @@ def records_of(store: TaskStore) -> RecordStore:
     return store
 
 
-def secret_source(store: TaskStore, settings: Settings) -> Callable[[str], str | None]:
-    """``secret_for(tenant)``: the tenant's webhook secret, opened; for ``""``, the ``local`` tenant's."""
+def secret_source(store: TaskStore, settings: Settings) -> Callable[[str], list[str] | None]:
+    """``secret_for(tenant)``: the secrets that sign the tenant's events (the current one, and the one before it
+    while a rotation's overlap lasts), opened; for ``""``, the ``local`` tenant's; None for no tenant."""
     tenants = Tenants(records_of(store), open_secret_box(settings.secrets_url))
     made: list[bool] = []
 
-    def secret_for(tenant: str) -> str | None:
+    def secret_for(tenant: str) -> list[str] | None:
         if not tenant:
             if not made:  # once per process: it exists from then on
                 tenants.ensure(LOCAL_TENANT)
                 made.append(True)
-            return tenants.webhook_secret(LOCAL_TENANT)
-        return tenants.webhook_secret(tenant)
+            tenant = LOCAL_TENANT
+        return tenants.webhook_secrets(tenant) or None
 
     return secret_for
 
@@ -65,7 +66,7 @@ def renderer(blobs: BlobStore, settings: Settings) -> Callable[[Task], dict[str,
 
 
 def lambda_wiring(settings: Settings, store: TaskStore) -> tuple[Callable[[Task], dict[str, Any]],
-                                                                 Callable[[str], str | None]]:
+                                                                 Callable[[str], list[str] | None]]:
     """What the dispatcher's Lambda needs: the renderer (over the results store the settings name, opened for
     the life of the execution environment) and the secrets."""
     from sdasync.backends.registry import open_blobs

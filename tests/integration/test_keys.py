@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,6 +170,31 @@ def test_a_rotated_secret_reaches_other_processes_within_the_cache_time(store: S
     assert sender.webhook_secret("acme") == new
     assert sender.rotate_secret("acme") != new
     assert sender.webhook_secret("acme") not in (old, new), "a rotation here is seen here at once"
+
+
+
+def test_after_a_rotation_the_old_secret_signs_too_for_the_overlap(store: SqliteTaskStore, tmp_path: Path) -> None:
+    from sdasync.webhooks import signing
+    from webhook_receiver import standard_webhooks_valid
+
+    box = FileSecretBox(tmp_path / "master.key")
+    wall = Ticker(1_000_000.0)
+    tenants = Tenants(store, box, clock=wall, monotonic=wall)
+    old = tenants.ensure("acme")
+    assert old is not None
+    new = tenants.rotate_secret("acme", overlap_s=3600)
+    assert tenants.webhook_secrets("acme") == [new, old]
+    body = b'{"type":"task.completed"}'
+    headers = signing.headers(tenants.webhook_secrets("acme"), "msg_1", int(time.time()), body)
+    # A receiver still on the old secret and one already on the new both verify the same delivery.
+    assert standard_webhooks_valid(old, headers, body) and standard_webhooks_valid(new, headers, body)
+    wall.now += 3600 + CACHE_S
+    assert tenants.webhook_secrets("acme") == [new], "the old secret stops signing when the overlap ends"
+    newest = tenants.rotate_secret("acme", overlap_s=0)
+    wall.now += CACHE_S + 0.01
+    assert tenants.webhook_secrets("acme") == [newest]
+    with pytest.raises(RequestError):
+        tenants.rotate_secret("acme", overlap_s=-1)
 
 
 # -- the command

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from sdasync.auth.keys import LOCAL_TENANT, ApiKey, KeyRing, check_key_tenant, check_limits
 from sdasync.auth.secretbox import open_secret_box
-from sdasync.auth.tenants import Tenants
+from sdasync.auth.tenants import ROTATION_OVERLAP_S, Tenants
 from sdasync.backends.records import RecordStore
 from sdasync.config import Settings
 from sdasync.errors import ConfigError, SdasyncError
@@ -50,6 +50,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     _store_options(revoke)
     rotate = sub.add_parser("rotate-secret", help="give a tenant a new webhook signing secret; prints it once")
     rotate.add_argument("--tenant", required=True, help="the tenant's name")
+    rotate.add_argument("--overlap", type=float, default=ROTATION_OVERLAP_S / 3600, metavar="HOURS",
+                        help="hours the old secret keeps signing beside the new one (default 24; 0 = stop now)")
     _store_options(rotate)
     return keys
 
@@ -93,9 +95,13 @@ def run(args: argparse.Namespace, settings: Settings, *, out: TextIO | None = No
             tenants = Tenants(store, open_secret_box(settings.secrets_url))
             if args.tenant == LOCAL_TENANT:
                 tenants.ensure(LOCAL_TENANT)  # made by the first key-less webhook; here if none was sent yet
-            secret = tenants.rotate_secret(args.tenant)
+            secret = tenants.rotate_secret(args.tenant, overlap_s=args.overlap * 3600)
             print(f"webhook secret: {secret}", file=stream)
-            print(f"{SHOWN_ONCE} Receivers verifying with the old secret fail from now on.", file=stream)
+            if args.overlap > 0:
+                print(f"{SHOWN_ONCE} For {args.overlap:g} h every event carries a signature by the old secret too: "
+                      f"move the receivers to this one within that time.", file=stream)
+            else:
+                print(f"{SHOWN_ONCE} Receivers verifying with the old secret fail from now on.", file=stream)
             return 0
         raise ConfigError(f"unknown keys command {command!r}")
     finally:

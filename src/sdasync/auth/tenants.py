@@ -27,6 +27,9 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 (the Standard Webhooks prefix, not a secr
 #: meanwhile only if they were told both (Standard Webhooks allows several ``v1,`` signatures).
 CACHE_S = 5.0
 _CAS_ROUNDS = 10
+#: After a rotation the old secret signs too, for this long by default: every delivery carries both signatures
+#: (Standard Webhooks allows several ``v1,``), so receivers can switch to the new secret without missing events.
+ROTATION_OVERLAP_S = 86400.0
 
 
 def new_webhook_secret() -> str:
@@ -42,7 +45,7 @@ class Tenants:
         self.box = box
         self.clock = clock
         self._monotonic = monotonic
-        self._cache: dict[str, tuple[float, str | None]] = {}
+        self._cache: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._lock = threading.Lock()
 
     def ensure(self, tenant: str) -> str | None:
@@ -63,14 +66,21 @@ class Tenants:
         check_tenant(tenant)
         return self.records.get_record(KIND, tenant) is not None
 
-    def rotate_secret(self, tenant: str) -> str:
-        """Replace the tenant's webhook secret with a new one and return it (show it once). Raises RequestError
-        for a bad name or a tenant that does not exist (no key was ever made for it), ConfigError, BackendError."""
+    def rotate_secret(self, tenant: str, *, overlap_s: float = ROTATION_OVERLAP_S) -> str:
+        """Replace the tenant's webhook secret with a new one and return it (show it once). The old one keeps
+        signing beside it for ``overlap_s`` seconds (0: not at all). Raises RequestError for a bad name, a negative
+        overlap or a tenant that does not exist (no key was ever made for it), ConfigError, BackendError."""
         check_tenant(tenant)
+        if not overlap_s >= 0:
+            raise RequestError("the overlap must be 0 or more seconds", field="overlap")
         for _ in range(_CAS_ROUNDS):
             record = self._record(tenant)
             secret = new_webhook_secret()
             data = {**record.data, **self._data(secret), "created_at": record.data.get("created_at", self.clock())}
+            data.pop("previous", None)
+            data.pop("previous_until", None)
+            if overlap_s > 0:
+                data["previous"], data["previous_until"] = record.data["secret"], self.clock() + overlap_s
             try:
                 self.records.put_record(KIND, tenant, data, version=record.version)
             except RecordConflict:
@@ -80,18 +90,29 @@ class Tenants:
         raise RecordConflict(f"tenant {tenant} kept changing while its secret was rotated; try again")
 
     def webhook_secret(self, tenant: str) -> str | None:
-        """The tenant's webhook secret, opened; None when the tenant does not exist. Kept in this process for
-        ``CACHE_S`` seconds (see there). Raises ConfigError (a secret that does not open), BackendError."""
+        """The tenant's current webhook secret, opened; None when the tenant does not exist."""
+        secrets_ = self.webhook_secrets(tenant)
+        return secrets_[0] if secrets_ else None
+
+    def webhook_secrets(self, tenant: str) -> list[str]:
+        """The secrets that sign the tenant's events, opened: the current one, then the one before it while its
+        rotation overlap lasts; empty when the tenant does not exist. Kept in this process for ``CACHE_S``
+        seconds (see there). Raises ConfigError (a secret that does not open), BackendError."""
         now = self._monotonic()
         with self._lock:
             cached = self._cache.get(tenant)
         if cached is not None and cached[0] > now:
-            return cached[1]
+            return list(cached[1])
         record = self.records.get_record(KIND, tenant) if _valid(tenant) else None
-        secret = None if record is None else self.box.open(str(record.data["secret"])).decode("utf-8")
+        opened: list[str] = []
+        if record is not None:
+            opened.append(self.box.open(str(record.data["secret"])).decode("utf-8"))
+            until = record.data.get("previous_until")
+            if record.data.get("previous") and until is not None and float(until) > self.clock():
+                opened.append(self.box.open(str(record.data["previous"])).decode("utf-8"))
         with self._lock:
-            self._cache[tenant] = (now + CACHE_S, secret)
-        return secret
+            self._cache[tenant] = (now + CACHE_S, tuple(opened))
+        return opened
 
     def _record(self, tenant: str) -> Record:
         record = self.records.get_record(KIND, tenant)
