@@ -51,17 +51,10 @@ def renderer(blobs: BlobStore, settings: Settings) -> Callable[[Task], dict[str,
     address (signed, for the embedded store)."""
     from sdasync.api.hosts import fallback_base_url
     from sdasync.api.schemas import task_json
-    from sdasync.api.urlsign import UrlSigner, load_secret
+    from sdasync.api.urlsign import image_urls, signer_for
 
     base = (settings.public_url or fallback_base_url(settings)).rstrip("/") + "/"
-    signer = None
-    if "served_by_api" in blobs.capabilities:
-        signer = UrlSigner(load_secret(settings.url_secret, settings.url_secret_path), ttl_s=settings.url_ttl)
-
-    def url(key: str) -> str:
-        plain = blobs.url(key, base_url=base)
-        return plain if signer is None else f"{plain}?{signer.query(key)}"
-
+    url = image_urls(blobs, signer_for(blobs, settings), base)
     return lambda task: task_json(task, url)
 
 

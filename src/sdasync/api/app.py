@@ -24,7 +24,7 @@ from sdasync.api.auth import Gate, auth_required
 from sdasync.api.hosts import trusted_hosts
 from sdasync.api.routes import router
 from sdasync.api.schemas import error_json
-from sdasync.api.urlsign import UrlSigner, load_secret
+from sdasync.api.urlsign import signer_for
 from sdasync.auth.keys import KeyRing
 from sdasync.backends.records import RecordStore
 from sdasync.config import Settings
@@ -53,10 +53,7 @@ def create_app(settings: Settings | None = None, *, backends: Backends | None = 
             store = opened.store
             app.state.gate = Gate(KeyRing(store) if isinstance(store, RecordStore) else None,
                                   required=auth_required(settings), trusted=trusted_hosts(settings))
-            app.state.signer = None
-            if "served_by_api" in opened.blobs.capabilities:
-                app.state.signer = UrlSigner(load_secret(settings.url_secret, settings.url_secret_path),
-                                             ttl_s=settings.url_ttl)
+            app.state.signer = signer_for(opened.blobs, settings)
             yield
 
     app = FastAPI(title="sdasync", version=__version__, lifespan=lifespan,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -22,10 +23,11 @@ from sdasync.api.schemas import (
     health_json,
     task_json,
 )
-from sdasync.api.urlsign import UrlSigner
+from sdasync.api.urlsign import UrlSigner, image_urls
+from sdasync.auth.keys import check_tenant
 from sdasync.callers import Caller
 from sdasync.errors import BlobNotFound, RequestError, SdasyncError, TaskNotFound, UnsupportedMediaType
-from sdasync.models import TENANT_FORMAT, TaskStatus
+from sdasync.models import TaskStatus
 from sdasync.service import TaskService
 from sdasync.usage import MAX_DAYS, usage
 
@@ -66,17 +68,9 @@ def _task_id(task_id: str) -> str:
     return task_id
 
 
-def _url_for(request: Request) -> Any:
+def _url_for(request: Request) -> Callable[[str], str]:
     """Image URLs for this request: the blob store's, signed when the API serves them itself."""
-    blobs = _service(request).blobs
-    signer: UrlSigner | None = request.app.state.signer
-    base = base_url(request)
-
-    def url(key: str) -> str:
-        plain = blobs.url(key, base_url=base)
-        return plain if signer is None else f"{plain}?{signer.query(key)}"
-
-    return url
+    return image_urls(_service(request).blobs, request.app.state.signer, base_url(request))
 
 
 def _task_response(request: Request, task_id: str, who: Caller) -> dict[str, Any]:
@@ -165,9 +159,7 @@ def list_tasks(request: Request, who: CallerDep, status: TaskStatus | None = Non
 
 def _tenant(value: str | None) -> str | None:
     """An operator's ``?tenant=``: a tenant's name, or "" for the tasks of key-less mode."""
-    if value is not None and value != "" and not TENANT_FORMAT.fullmatch(value):
-        raise RequestError("tenant must be a tenant's name (a-z, 0-9, '_', '-'; up to 63)", field="tenant")
-    return value
+    return check_tenant(value) if value else value
 
 
 def _cancel(request: Request, task_id: str, who: Caller) -> dict[str, Any]:

@@ -22,6 +22,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sdasync.backends.base import BlobStore
+from sdasync.config import Settings
+
 #: Expiries are rounded up to at most this many seconds.
 ROUND_S = 60
 
@@ -49,6 +52,24 @@ class UrlSigner:
             return False
         expires = int(exp)
         return expires > self.clock() and hmac.compare_digest(self._mac(key, expires), sig)
+
+
+def signer_for(blobs: BlobStore, settings: Settings) -> UrlSigner | None:
+    """The signer of ``blobs``' URLs: one when the API serves them itself, None for a store whose URLs are its
+    own (S3 presigned)."""
+    if "served_by_api" not in blobs.capabilities:
+        return None
+    return UrlSigner(load_secret(settings.url_secret, settings.url_secret_path), ttl_s=settings.url_ttl)
+
+
+def image_urls(blobs: BlobStore, signer: UrlSigner | None, base_url: str) -> Callable[[str], str]:
+    """``url(key)``: a result image's absolute URL, signed when ``signer`` is given."""
+
+    def url(key: str) -> str:
+        plain = blobs.url(key, base_url=base_url)
+        return plain if signer is None else f"{plain}?{signer.query(key)}"
+
+    return url
 
 
 def load_secret(configured: str | None, path: Path) -> bytes:
